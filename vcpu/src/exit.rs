@@ -1,0 +1,281 @@
+//! Typed vCPU exits and per-kind exit statistics.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Why the vCPU stopped running guest code.
+///
+/// Guest I/O is returned as a borrowed access into the exit buffer (complete reads by filling
+/// `data`); every other exit is owned data ([`Exit`]) that can be kept, sent or logged.
+#[derive(Debug)]
+pub enum VcpuExit<'a> {
+    /// `in` from an I/O port: fill `data` (1, 2 or 4 bytes).
+    PioRead {
+        /// Port number.
+        port: u16,
+        /// Bytes to fill in.
+        data: &'a mut [u8],
+    },
+    /// `out` to an I/O port.
+    PioWrite {
+        /// Port number.
+        port: u16,
+        /// Bytes written by the guest.
+        data: &'a [u8],
+    },
+    /// A load from an address no memory slot backs: fill `data`.
+    MmioRead {
+        /// Guest physical address.
+        addr: u64,
+        /// Bytes to fill in.
+        data: &'a mut [u8],
+    },
+    /// A store to an address no memory slot backs.
+    MmioWrite {
+        /// Guest physical address.
+        addr: u64,
+        /// Bytes written by the guest.
+        data: &'a [u8],
+    },
+    /// Anything that is not guest I/O.
+    Other(Exit),
+}
+
+/// A non-I/O exit, as owned data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Exit {
+    /// The guest executed `hlt` (and no in-kernel LAPIC handled it).
+    Hlt,
+    /// Triple fault or other shutdown condition.
+    Shutdown,
+    /// A debug exception or breakpoint the VMM asked to intercept.
+    Debug {
+        /// Exception vector (1 = #DB, 3 = #BP).
+        exception: u32,
+        /// Guest RIP.
+        pc: u64,
+        /// DR6 at the exit.
+        dr6: u64,
+        /// DR7 at the exit.
+        dr7: u64,
+    },
+    /// `vmcall`/`vmmcall` forwarded by KVM_CAP_EXIT_HYPERCALL.
+    Hypercall {
+        /// Hypercall number (RAX).
+        nr: u64,
+        /// Arguments.
+        args: [u64; 6],
+    },
+    /// VM entry failed.
+    FailEntry {
+        /// Hardware entry-failure reason.
+        reason: u64,
+        /// Host CPU.
+        cpu: u32,
+    },
+    /// KVM could not handle the exit (e.g. an instruction its emulator rejects).
+    InternalError {
+        /// KVM_INTERNAL_ERROR_* suberror (1 = emulation failure).
+        suberror: u32,
+        /// Extra data KVM reports (for emulation failures, instruction bytes among them).
+        data: Vec<u64>,
+    },
+    /// A system event (reset, shutdown, crash) requested by the guest.
+    SystemEvent {
+        /// KVM_SYSTEM_EVENT_* type.
+        kind: u32,
+        /// Event data.
+        data: Vec<u64>,
+    },
+    /// End of interrupt for a level-triggered vector (split irqchip).
+    IoapicEoi {
+        /// The vector.
+        vector: u8,
+    },
+    /// The guest can accept an interrupt now (requested interrupt window).
+    IrqWindowOpen,
+    /// KVM_RUN returned early (signal or `immediate_exit`).
+    Interrupted,
+    /// An exit this crate does not decode; the raw KVM_EXIT_* number.
+    Unsupported(u32),
+}
+
+/// Exit kinds, for statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum ExitKind {
+    /// [`VcpuExit::PioRead`].
+    PioRead,
+    /// [`VcpuExit::PioWrite`].
+    PioWrite,
+    /// [`VcpuExit::MmioRead`].
+    MmioRead,
+    /// [`VcpuExit::MmioWrite`].
+    MmioWrite,
+    /// [`Exit::Hlt`].
+    Hlt,
+    /// [`Exit::Shutdown`].
+    Shutdown,
+    /// [`Exit::Debug`].
+    Debug,
+    /// [`Exit::Hypercall`].
+    Hypercall,
+    /// [`Exit::FailEntry`].
+    FailEntry,
+    /// [`Exit::InternalError`].
+    InternalError,
+    /// [`Exit::SystemEvent`].
+    SystemEvent,
+    /// [`Exit::IoapicEoi`].
+    IoapicEoi,
+    /// [`Exit::IrqWindowOpen`].
+    IrqWindowOpen,
+    /// [`Exit::Interrupted`].
+    Interrupted,
+    /// [`Exit::Unsupported`].
+    Unsupported,
+}
+
+impl ExitKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [ExitKind; 15] = [
+        ExitKind::PioRead,
+        ExitKind::PioWrite,
+        ExitKind::MmioRead,
+        ExitKind::MmioWrite,
+        ExitKind::Hlt,
+        ExitKind::Shutdown,
+        ExitKind::Debug,
+        ExitKind::Hypercall,
+        ExitKind::FailEntry,
+        ExitKind::InternalError,
+        ExitKind::SystemEvent,
+        ExitKind::IoapicEoi,
+        ExitKind::IrqWindowOpen,
+        ExitKind::Interrupted,
+        ExitKind::Unsupported,
+    ];
+
+    /// A short lowercase name (`"pio-write"` …).
+    pub const fn name(self) -> &'static str {
+        match self {
+            ExitKind::PioRead => "pio-read",
+            ExitKind::PioWrite => "pio-write",
+            ExitKind::MmioRead => "mmio-read",
+            ExitKind::MmioWrite => "mmio-write",
+            ExitKind::Hlt => "hlt",
+            ExitKind::Shutdown => "shutdown",
+            ExitKind::Debug => "debug",
+            ExitKind::Hypercall => "hypercall",
+            ExitKind::FailEntry => "fail-entry",
+            ExitKind::InternalError => "internal-error",
+            ExitKind::SystemEvent => "system-event",
+            ExitKind::IoapicEoi => "ioapic-eoi",
+            ExitKind::IrqWindowOpen => "irq-window-open",
+            ExitKind::Interrupted => "interrupted",
+            ExitKind::Unsupported => "unsupported",
+        }
+    }
+}
+
+impl Exit {
+    /// The kind of this exit.
+    pub fn kind(&self) -> ExitKind {
+        match self {
+            Exit::Hlt => ExitKind::Hlt,
+            Exit::Shutdown => ExitKind::Shutdown,
+            Exit::Debug { .. } => ExitKind::Debug,
+            Exit::Hypercall { .. } => ExitKind::Hypercall,
+            Exit::FailEntry { .. } => ExitKind::FailEntry,
+            Exit::InternalError { .. } => ExitKind::InternalError,
+            Exit::SystemEvent { .. } => ExitKind::SystemEvent,
+            Exit::IoapicEoi { .. } => ExitKind::IoapicEoi,
+            Exit::IrqWindowOpen => ExitKind::IrqWindowOpen,
+            Exit::Interrupted => ExitKind::Interrupted,
+            Exit::Unsupported(_) => ExitKind::Unsupported,
+        }
+    }
+}
+
+impl VcpuExit<'_> {
+    /// The kind of this exit.
+    pub fn kind(&self) -> ExitKind {
+        match self {
+            VcpuExit::PioRead { .. } => ExitKind::PioRead,
+            VcpuExit::PioWrite { .. } => ExitKind::PioWrite,
+            VcpuExit::MmioRead { .. } => ExitKind::MmioRead,
+            VcpuExit::MmioWrite { .. } => ExitKind::MmioWrite,
+            VcpuExit::Other(e) => e.kind(),
+        }
+    }
+}
+
+/// Exit counts per [`ExitKind`]: an array increment per exit, cheap enough to leave on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStats {
+    counts: [u64; ExitKind::ALL.len()],
+}
+
+impl ExitStats {
+    /// Count one exit of `kind`.
+    #[inline]
+    pub fn record(&mut self, kind: ExitKind) {
+        self.counts[kind as usize] += 1;
+    }
+
+    /// Exits of `kind` so far.
+    pub fn get(&self, kind: ExitKind) -> u64 {
+        self.counts[kind as usize]
+    }
+
+    /// All exits so far.
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// Kinds with a non-zero count, with their counts.
+    pub fn iter(&self) -> impl Iterator<Item = (ExitKind, u64)> + '_ {
+        ExitKind::ALL
+            .iter()
+            .map(|&k| (k, self.get(k)))
+            .filter(|&(_, n)| n > 0)
+    }
+}
+
+/// A two-column table of the non-zero counts (`kind  count`), then the total.
+impl fmt::Display for ExitStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{:<16} {:>10}", "exit", "count")?;
+        for (k, n) in self.iter() {
+            writeln!(f, "{:<16} {:>10}", k.name(), n)?;
+        }
+        write!(f, "{:<16} {:>10}", "total", self.total())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_count_and_render() {
+        let mut s = ExitStats::default();
+        s.record(ExitKind::PioWrite);
+        s.record(ExitKind::PioWrite);
+        s.record(Exit::Hlt.kind());
+        assert_eq!(s.get(ExitKind::PioWrite), 2);
+        assert_eq!(s.total(), 3);
+        let table = s.to_string();
+        assert!(table.contains("pio-write"));
+        assert!(!table.contains("mmio-read"));
+        assert!(table.ends_with("total                     3"), "{table}");
+    }
+
+    #[test]
+    fn kinds_are_indexed_in_order() {
+        for (i, k) in ExitKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i);
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! # vmkit-vcpu
+//!
+//! A vCPU abstraction for VMMs on Linux KVM:
+//!
+//! * narrow capability traits — [`VcpuRun`], [`VcpuRegisters`], [`VcpuSpecialRegisters`] — with a
+//!   KVM implementation ([`KvmVm`], [`KvmVcpu`]);
+//! * a typed exit ([`VcpuExit`]: guest I/O as borrowed accesses, everything else as owned
+//!   [`Exit`] data) and per-kind [`ExitStats`];
+//! * plain-data CPU state for 64-bit long mode ([`LongModeState`]) that the backend applies;
+//! * a run loop ([`run_until_exit`]) that dispatches PIO/MMIO to an [`IoHandler`] (the VMM's
+//!   buses) and returns anything else to the caller, or stops when a [`StopHandle`] fires.
+//!
+//! The library holds no policy: which ports exist, what to print and when to stop are decided by
+//! the caller.
+//!
+//! ```no_run
+//! use vmkit_vcpu::{Exit, IoHandler, KvmVm, RunOutcome, StopHandle, ExitStats, run_until_exit};
+//!
+//! struct Ports;
+//! impl IoHandler for Ports {
+//!     fn pio_read(&self, _port: u16, data: &mut [u8]) { data.fill(0xff) }
+//!     fn pio_write(&self, port: u16, data: &[u8]) { println!("out {port:#x} {data:?}") }
+//!     fn mmio_read(&self, _addr: u64, data: &mut [u8]) { data.fill(0xff) }
+//!     fn mmio_write(&self, _addr: u64, _data: &[u8]) {}
+//! }
+//!
+//! # fn main() -> Result<(), vmkit_vcpu::Error> {
+//! let vm = KvmVm::new()?;
+//! let mut vcpu = vm.create_vcpu(0)?;
+//! // ... register memory, load a guest, apply a LongModeState ...
+//! let mut stats = ExitStats::default();
+//! match run_until_exit(&mut vcpu, &Ports, &StopHandle::new(), &mut stats)? {
+//!     RunOutcome::Stopped(status) => println!("guest stopped with {status}"),
+//!     RunOutcome::Exit(Exit::Hlt) => println!("guest halted"),
+//!     RunOutcome::Exit(other) => println!("unhandled exit {other:?}"),
+//! }
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+mod error;
+pub mod exit;
+pub mod kvm;
+pub mod run_loop;
+pub mod state;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
+mod traits;
+
+pub use error::Error;
+pub use exit::{Exit, ExitKind, ExitStats, VcpuExit};
+pub use kvm::{KvmVcpu, KvmVm};
+pub use run_loop::{IoHandler, RunOutcome, StopHandle, run_until_exit};
+pub use state::{LongModeState, Segment};
+pub use traits::{VcpuRegisters, VcpuRun, VcpuSpecialRegisters};
+
+#[cfg(test)]
+mod kvm_tests;

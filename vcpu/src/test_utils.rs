@@ -1,0 +1,92 @@
+//! A tiny-guest harness for KVM tests (feature `test-utils`).
+//!
+//! [`TinyGuest`] creates a KVM VM with a little RAM, identity-maps the low 4 GiB with 2 MiB pages
+//! (so MMIO addresses in the 32-bit hole are reachable), writes a GDT, loads a 64-bit program
+//! assembled with iced-x86 at [`CODE_ADDR`] and puts the vCPU in long mode at its first
+//! instruction. Every test shows the guest program it runs.
+//!
+//! ```no_run
+//! use iced_x86::code_asm::*;
+//! use vmkit_vcpu::test_utils::TinyGuest;
+//!
+//! let mut g = TinyGuest::new(|a| {
+//!     a.mov(al, b'!' as u32)?;
+//!     a.out(0x3f8, al)?;
+//!     a.hlt()
+//! })
+//! .unwrap();
+//! // run with vmkit_vcpu::run_until_exit(&mut g.vcpu, &my_bus, &stop, &mut stats)
+//! ```
+
+use iced_x86::IcedError;
+use iced_x86::code_asm::CodeAssembler;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmkit_memory::{GuestLayout, PageSize, PageTableBuilder, paging::flags};
+
+use crate::{KvmVcpu, KvmVm, LongModeState};
+
+/// Where the guest program is loaded and starts.
+pub const CODE_ADDR: u64 = 0x10_0000;
+/// Initial RSP (the stack grows down from here).
+pub const STACK_TOP: u64 = 0x8_0000;
+/// First page of the page-table area (0x9000..0x10000).
+pub const PAGE_TABLE_ADDR: u64 = 0x9000;
+/// A scratch data page a guest may use.
+pub const DATA_ADDR: u64 = 0x20_0000;
+/// Default guest RAM size.
+pub const DEFAULT_RAM: u64 = 16 << 20;
+
+/// Errors the harness reports.
+pub type HarnessError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Assemble a 64-bit program that will run at `ip`.
+pub fn assemble(
+    ip: u64,
+    program: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    program(&mut a)?;
+    a.assemble(ip)
+}
+
+/// A KVM VM with one vCPU in 64-bit mode at the start of a loaded program.
+pub struct TinyGuest {
+    /// The VM.
+    pub vm: KvmVm,
+    /// vCPU 0.
+    pub vcpu: KvmVcpu,
+    /// Guest RAM (registered with the VM).
+    pub mem: GuestMemoryMmap,
+    /// The state applied to the vCPU.
+    pub state: LongModeState,
+}
+
+impl TinyGuest {
+    /// A guest with [`DEFAULT_RAM`] running `program` from [`CODE_ADDR`].
+    pub fn new(
+        program: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+    ) -> Result<Self, HarnessError> {
+        Self::with_code(DEFAULT_RAM, &assemble(CODE_ADDR, program)?)
+    }
+
+    /// A guest with `ram` bytes running machine code `code` from [`CODE_ADDR`].
+    pub fn with_code(ram: u64, code: &[u8]) -> Result<Self, HarnessError> {
+        let layout = GuestLayout::builder().ram_size(ram).build()?;
+        let mem = layout.create_memory()?;
+        let mut pt = PageTableBuilder::new(&mem, PAGE_TABLE_ADDR, 0x7000)?;
+        pt.identity_map(0, 4 << 30, PageSize::Size2M, flags::WRITABLE)?;
+        mem.write_slice(code, GuestAddress(CODE_ADDR))?;
+        let state = LongModeState::flat_64(pt.cr3(), CODE_ADDR, STACK_TOP);
+        state.write_gdt(&mem)?;
+        let mut vm = KvmVm::new()?;
+        vm.register_memory(&mem)?;
+        let mut vcpu = vm.create_vcpu(0)?;
+        state.apply(&mut vcpu)?;
+        Ok(Self {
+            vm,
+            vcpu,
+            mem,
+            state,
+        })
+    }
+}
