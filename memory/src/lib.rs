@@ -1,12 +1,21 @@
 //! # vmkit-memory
 //!
-//! Guest physical memory for vmkit VMMs:
+//! Guest physical memory and x86 address translation for vmkit VMMs:
 //!
 //! * [`layout`] — a validated guest physical address map ([`GuestLayout`]): RAM split around the
 //!   32-bit MMIO hole, reserved ranges and named MMIO windows, producing a vm-memory
-//!   [`GuestMemoryMmap`](vm_memory::GuestMemoryMmap) and an e820 table.
-//! * [`paging`] — x86-64 4-level page tables: a builder that writes tables into guest memory and a
-//!   walker that translates a guest-virtual address by reading them.
+//!   [`GuestMemoryMmap`](vm_memory::GuestMemoryMmap) and an e820 table; [`layout_check`] has
+//!   helpers for unit-testing layouts.
+//! * [`paging`] — x86-64 page tables: a builder that writes tables into guest memory and the
+//!   shared radix-walk core ([`paging::walk_core`]).
+//! * [`walk`] — the guest page walker with permissions (SDM vol. 3A ch. 4): 4/5-level, #PF error
+//!   codes, A/D updates.
+//! * [`ept`] — the EPT model (SDM vol. 3C §29.3): violations, misconfigurations, a builder.
+//! * [`nested`] — the two-dimensional walk (guest ∘ EPT) with every memory reference.
+//! * [`shadow`] — the shadow page-table model (write-protected guest tables, unsync/resync).
+//! * [`tlb`] — a TLB tagged by VPID and PCID with INVLPG / INVPCID / CR3 flush semantics.
+//! * [`dirty`] — "pages written since last sync" from KVM's dirty log or dirty ring and
+//!   vm-memory's bitmap.
 //!
 //! ```
 //! use vmkit_memory::{GuestLayout, E820Type};
@@ -19,8 +28,13 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod ept;
 pub mod layout;
+pub mod nested;
 pub mod paging;
+pub mod shadow;
+pub mod tlb;
+pub mod walk;
 
 pub use layout::{E820Entry, E820Type, GuestLayout, GuestLayoutBuilder, LayoutError, RegionKind};
 pub use paging::{PageSize, PageTableBuilder, PagingError, Translation};

@@ -157,6 +157,11 @@ pub trait EntryFormat {
     fn table_address(&self, entry: u64, level: u8) -> u64;
     /// The page base held in a leaf `entry` at `level`.
     fn page_address(&self, entry: u64, level: u8) -> u64;
+    /// Whether a present `entry` at `level` has reserved bits set (a #PF with RSVD for guest
+    /// paging, an EPT misconfiguration for EPT). No reserved bits unless a format says so.
+    fn reserved(&self, _entry: u64, _level: u8) -> bool {
+        false
+    }
 }
 
 /// The IA-32e 4-level format: PS allowed at levels 2 and 3.
@@ -229,56 +234,155 @@ pub const fn table_index(va: u64, level: u8) -> u64 {
     (va >> (12 + 9 * (level as u64 - 1))) & 0x1ff
 }
 
-/// Walk the radix tree rooted at `root` for `va`, reading entries from `mem`. The walk reads at
-/// most `format.levels()` entries, so no table contents (cycles included) can make it loop.
+/// Reads (and, for accessed/dirty updates, writes) 64-bit table entries at physical addresses.
+///
+/// [`PhysReader`] reads plain memory; the two-dimensional walk implements it by translating every
+/// table address through EPT first. `level` is the paging level of the entry (for bookkeeping).
+pub trait TableReader {
+    /// Why an entry could not be read or written.
+    type Error;
+    /// Read the entry at physical address `addr`.
+    fn read_entry(&mut self, addr: u64, level: u8) -> Result<u64, Self::Error>;
+    /// Write `value` to the entry at `addr` (only ever an entry read just before).
+    fn write_entry(&mut self, addr: u64, level: u8, value: u64) -> Result<(), Self::Error>;
+}
+
+/// A [`TableReader`] over memory addressed by physical address (guest memory for guest tables,
+/// host memory for EPT tables).
+#[derive(Clone, Copy, Debug)]
+pub struct PhysReader<'a, M: ?Sized>(pub &'a M);
+
+impl<M: GuestMemory + ?Sized> TableReader for PhysReader<'_, M> {
+    type Error = PagingError;
+    fn read_entry(&mut self, addr: u64, _level: u8) -> Result<u64, PagingError> {
+        self.0
+            .read_obj(GuestAddress(addr))
+            .map_err(|source| PagingError::Memory { gpa: addr, source })
+    }
+    fn write_entry(&mut self, addr: u64, _level: u8, value: u64) -> Result<(), PagingError> {
+        self.0
+            .write_obj(value, GuestAddress(addr))
+            .map_err(|source| PagingError::Memory { gpa: addr, source })
+    }
+}
+
+/// How a [`walk_core`] walk ended; the entry concerned is the last of [`Walk::entries`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WalkEnd {
+    /// A leaf mapping a page of `size` at `base`.
+    Leaf {
+        /// Page base address.
+        base: u64,
+        /// Page size.
+        size: PageSize,
+    },
+    /// A non-present entry.
+    NotPresent,
+    /// A present entry with reserved bits set (the format's [`EntryFormat::reserved`]).
+    Reserved,
+    /// A leaf at a level that cannot hold one.
+    BadLeaf,
+}
+
+/// The entries a [`walk_core`] walk read and how it ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Walk {
+    /// Entries read, root first (`steps[..depth]`).
+    pub steps: [WalkStep; 5],
+    /// How many entries were read.
+    pub depth: u8,
+    /// How the walk ended.
+    pub end: WalkEnd,
+}
+
+impl Walk {
+    /// The entries read, root first.
+    pub fn entries(&self) -> &[WalkStep] {
+        &self.steps[..self.depth as usize]
+    }
+
+    /// The level of the last entry read (the leaf, or the entry that stopped the walk).
+    pub fn last_level(&self) -> u8 {
+        self.depth
+            .checked_sub(1)
+            .map_or(0, |i| self.steps[i as usize].level)
+    }
+}
+
+/// The shared radix-walk core: read one entry per level from `root` down, classify it with
+/// `format`, stop at a leaf, a non-present or reserved entry. It reads at most `format.levels()`
+/// (capped at 5) entries, so no table contents (cycles included) can make it loop.
+pub fn walk_core<R, F>(reader: &mut R, format: &F, root: u64, va: u64) -> Result<Walk, R::Error>
+where
+    R: TableReader + ?Sized,
+    F: EntryFormat + ?Sized,
+{
+    let mut w = Walk {
+        steps: [WalkStep::default(); 5],
+        depth: 0,
+        end: WalkEnd::BadLeaf,
+    };
+    let mut table = root & flags::ADDR_MASK;
+    for level in (1..=format.levels().min(5)).rev() {
+        let entry_gpa = table + table_index(va, level) * 8;
+        let entry = reader.read_entry(entry_gpa, level)?;
+        w.steps[w.depth as usize] = WalkStep {
+            level,
+            entry_gpa,
+            entry,
+        };
+        w.depth += 1;
+        if !format.present(entry, level) {
+            w.end = WalkEnd::NotPresent;
+            return Ok(w);
+        }
+        if format.reserved(entry, level) {
+            w.end = WalkEnd::Reserved;
+            return Ok(w);
+        }
+        match format.leaf(entry, level) {
+            Err(()) => return Ok(w),
+            Ok(true) => {
+                if let Some(size) = PageSize::from_level(level) {
+                    w.end = WalkEnd::Leaf {
+                        base: format.page_address(entry, level),
+                        size,
+                    };
+                }
+                return Ok(w);
+            }
+            Ok(false) => table = format.table_address(entry, level),
+        }
+    }
+    // A format whose level-1 entries are not leaves: a malformed leaf (end stays BadLeaf).
+    Ok(w)
+}
+
+/// Walk the radix tree rooted at `root` for `va`, reading entries from `mem` (no permission
+/// checks). The walk reads at most `format.levels()` entries, so no table contents (cycles
+/// included) can make it loop.
 pub fn radix_walk<M, F>(mem: &M, format: &F, root: u64, va: u64) -> Result<Translation, PagingError>
 where
     M: GuestMemory + ?Sized,
     F: EntryFormat + ?Sized,
 {
+    let w = walk_core(&mut PhysReader(mem), format, root, va)?;
+    let level = w.last_level();
     let mut t = Translation {
         gpa: 0,
         page_size: PageSize::Size4K,
-        steps: [WalkStep::default(); 5],
-        depth: 0,
+        steps: w.steps,
+        depth: w.depth,
     };
-    let mut table = root & flags::ADDR_MASK;
-    for level in (1..=format.levels()).rev() {
-        let entry_gpa = table + table_index(va, level) * 8;
-        let entry: u64 =
-            mem.read_obj(GuestAddress(entry_gpa))
-                .map_err(|source| PagingError::Memory {
-                    gpa: entry_gpa,
-                    source,
-                })?;
-        t.steps[t.depth as usize] = WalkStep {
-            level,
-            entry_gpa,
-            entry,
-        };
-        t.depth += 1;
-        if !format.present(entry, level) {
-            return Err(PagingError::NotPresent { va, level });
+    match w.end {
+        WalkEnd::Leaf { base, size } => {
+            t.page_size = size;
+            t.gpa = base | (va & (size.bytes() - 1));
+            Ok(t)
         }
-        if format
-            .leaf(entry, level)
-            .map_err(|()| PagingError::BadLeaf { va, level })?
-        {
-            let page_size =
-                PageSize::from_level(level).ok_or(PagingError::BadLeaf { va, level })?;
-            t.page_size = page_size;
-            t.gpa = format.page_address(entry, level) | (va & (page_size.bytes() - 1));
-            return Ok(t);
-        }
-        table = format.table_address(entry, level);
+        WalkEnd::NotPresent => Err(PagingError::NotPresent { va, level }),
+        WalkEnd::Reserved | WalkEnd::BadLeaf => Err(PagingError::BadLeaf { va, level }),
     }
-    unreachable_level(va)
-}
-
-#[cold]
-fn unreachable_level(va: u64) -> Result<Translation, PagingError> {
-    // A format whose level-1 entries are not leaves: treat as a malformed leaf.
-    Err(PagingError::BadLeaf { va, level: 1 })
 }
 
 fn is_canonical_48(va: u64) -> bool {
