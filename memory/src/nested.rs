@@ -14,7 +14,7 @@
 //! // Host memory: EPT tables at 0x1000.., guest RAM (16 MiB) at HPA 16 MiB.
 //! let host = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
 //! let mut ept = EptBuilder::new(&host, 0x1000, 0x10000).unwrap();
-//! ept.map_range(0, 16 << 20, 16 << 20, PageSize::Size2M, eptf::RWX | eptf::MT_WB).unwrap();
+//! ept.map_range(0, 16 << 20, 16 << 20, PageSize::Size4K, eptf::RWX | eptf::MT_WB).unwrap();
 //! // Guest tables, written at their host addresses (GPA + 16 MiB) for this demo.
 //! let guest = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
 //! let mut pt = PageTableBuilder::new(&guest, 0x1000, 0x8000).unwrap();
@@ -28,7 +28,8 @@
 //! let t = nested::walk_2d(&host, &setup, pt.cr3(), 0x7000_0008, Access::read()).unwrap();
 //! assert_eq!(t.gpa, 0x40_0008);
 //! assert_eq!(t.hpa, (16 << 20) + 0x40_0008);
-//! assert_eq!(t.refs.len(), 24); // 4 guest levels × (4 EPT + 1) + 4 EPT for the final GPA
+//! // 4 guest levels × (4 EPT + 1) + 4 EPT for the final GPA: the 24 references of a TLB miss.
+//! assert_eq!(t.refs.len(), 24);
 //! ```
 
 use serde::{Deserialize, Serialize};
