@@ -6,6 +6,9 @@
 //!   [`BusDevice`]s; [`IoBuses`] plugs both into the vCPU run loop
 //!   ([`vmkit_vcpu::IoHandler`]). Unclaimed accesses are counted and read as all-ones.
 //! * [`interrupt`] — the [`InterruptSource`] handle a device receives instead of the VM.
+//! * [`msi`] — MSI messages (SDM §11.11 encode/decode) and the [`msi::MsiSink`] they go to.
+//! * [`pci`] — the [`pci::PciFunction`] trait, type-0 config space, MSI-X, and the root bus
+//!   (0xCF8/0xCFC and ECAM) that maps BARs on the buses.
 //! * [`serial`] — a 16550 UART (vm-superio) writing to any `io::Write`.
 //! * [`debug_exit`] — a port through which the guest ends the VM with a status code.
 //!
@@ -38,6 +41,8 @@
 pub mod bus;
 pub mod debug_exit;
 pub mod interrupt;
+pub mod msi;
+pub mod pci;
 pub mod serial;
 
 pub use bus::{Bus, BusDevice, BusError, BusStats, IoBuses, MutBusDevice};
