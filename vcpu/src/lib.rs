@@ -46,6 +46,7 @@ pub mod state;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 mod traits;
+pub mod vmcs;
 
 pub use error::Error;
 pub use exit::{Exit, ExitKind, ExitStats, VcpuExit};
