@@ -1,0 +1,164 @@
+//! Raw images: disk byte `n` is file byte `n`.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use super::{DiskImage, ImageError, ImageFormat, check_range};
+
+/// Largest zero buffer written at once when the filesystem cannot zero a range itself.
+const ZERO_CHUNK: usize = 64 * 1024;
+
+/// A raw image file.
+///
+/// ```
+/// use vmkit_block::image::{DiskImage, RawImage};
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("disk.raw");
+/// let mut img = RawImage::create(&path, 4096).unwrap();
+/// img.write_at(&[0xaa; 512], 0).unwrap();
+/// img.discard(0, 4096).unwrap(); // punches a hole: reads zeroes, uses no blocks
+/// let mut buf = [1u8; 512];
+/// img.read_at(&mut buf, 0).unwrap();
+/// assert_eq!(buf, [0u8; 512]);
+/// ```
+#[derive(Debug)]
+pub struct RawImage {
+    file: File,
+    size: u64,
+    read_only: bool,
+}
+
+impl RawImage {
+    /// Create (or truncate) a sparse raw image of `size` bytes at `path`, opened read-write.
+    pub fn create(path: &Path, size: u64) -> Result<Self, ImageError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(ImageError::Io)?;
+        file.set_len(size).map_err(ImageError::Io)?;
+        Ok(Self {
+            file,
+            size,
+            read_only: false,
+        })
+    }
+
+    /// Open an existing raw image; its size is the file's length.
+    pub fn open(path: &Path, read_only: bool) -> Result<Self, ImageError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(ImageError::Io)?;
+        Self::from_file(file, read_only)
+    }
+
+    /// Wrap an already opened file.
+    pub fn from_file(file: File, read_only: bool) -> Result<Self, ImageError> {
+        let size = file.metadata().map_err(ImageError::Io)?.len();
+        Ok(Self {
+            file,
+            size,
+            read_only,
+        })
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
+        let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        // SAFETY: fallocate on a file descriptor we own; no memory is passed.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, l) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    fn write_zero_bytes(&self, mut offset: u64, len: u64) -> Result<(), ImageError> {
+        let zeroes = vec![0u8; ZERO_CHUNK];
+        let end = offset + len;
+        while offset < end {
+            let n = (end - offset).min(ZERO_CHUNK as u64) as usize;
+            self.file
+                .write_all_at(&zeroes[..n], offset)
+                .map_err(ImageError::Io)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self, offset: u64, len: u64) -> Result<(), ImageError> {
+        if self.read_only {
+            return Err(ImageError::ReadOnly);
+        }
+        check_range(offset, len, self.size)
+    }
+}
+
+impl DiskImage for RawImage {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Raw
+    }
+
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        self.file.read_exact_at(buf, offset).map_err(ImageError::Io)
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), ImageError> {
+        self.check_writable(offset, buf.len() as u64)?;
+        self.file.write_all_at(buf, offset).map_err(ImageError::Io)
+    }
+
+    fn flush(&mut self) -> Result<(), ImageError> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data().map_err(ImageError::Io)
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), ImageError> {
+        self.write_zeroes(offset, len, true)
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), ImageError> {
+        self.check_writable(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let mode = if unmap {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        match self.fallocate(mode, offset, len) {
+            Ok(()) => Ok(()),
+            // Filesystems without the mode (or tmpfs for ZERO_RANGE): write the zeroes.
+            Err(_) => self.write_zero_bytes(offset, len),
+        }
+    }
+
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.file.as_raw_fd())
+    }
+}

@@ -1,0 +1,254 @@
+//! io_uring submission of reads, writes and flushes on a raw image's file descriptor.
+//!
+//! Requests go in as `READV`/`WRITEV`/`FSYNC(DATASYNC)` entries whose iovecs point straight at
+//! the guest's buffers; completions come back in any order and are turned into [`Done`]s
+//! that the queue worker puts on the used ring. An eventfd registered with the ring becomes
+//! readable when completions are waiting, for the VMM's event loop.
+
+use std::os::fd::{AsRawFd, RawFd};
+
+use io_uring::{IoUring, opcode, squeue, types};
+use vm_memory::{GuestAddress, GuestMemory};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::defs::SECTOR_SHIFT;
+use crate::exec::{ExecError, guest_iovecs};
+use crate::request::{Request, RequestKind};
+
+/// Errors of the io_uring engine.
+#[derive(Debug, thiserror::Error)]
+pub enum UringError {
+    /// Creating or driving the ring failed.
+    #[error("io_uring operation failed")]
+    Ring(#[source] std::io::Error),
+}
+
+/// What an in-flight operation was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    /// `VIRTIO_BLK_T_IN`.
+    Read,
+    /// `VIRTIO_BLK_T_OUT`.
+    Write,
+    /// `VIRTIO_BLK_T_FLUSH`.
+    Flush,
+}
+
+struct InFlight {
+    head_index: u16,
+    status_addr: GuestAddress,
+    kind: OpKind,
+    expected: u64,
+    // Kept alive (and unmoved on the heap) until the kernel has completed the operation.
+    _iov: Vec<libc::iovec>,
+}
+
+/// A completed operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Done {
+    /// Chain head.
+    pub head_index: u16,
+    /// Where the status byte goes.
+    pub status_addr: GuestAddress,
+    /// What it was.
+    pub kind: OpKind,
+    /// Bytes transferred (reads/writes).
+    pub bytes: u64,
+    /// Whether it completed fully.
+    pub ok: bool,
+}
+
+/// An io_uring bound to one file.
+pub struct UringEngine {
+    ring: IoUring,
+    fd: RawFd,
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    unsubmitted: usize,
+    eventfd: EventFd,
+}
+
+impl std::fmt::Debug for UringEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringEngine")
+            .field("fd", &self.fd)
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}
+
+// SAFETY: the raw iovec pointers in `slots` refer to guest memory that the owner keeps mapped
+// while operations are in flight (the device drains the ring before releasing its memory);
+// the ring itself is an owned kernel object usable from any thread.
+unsafe impl Send for UringEngine {}
+
+impl UringEngine {
+    /// A ring of `depth` entries submitting on `fd`.
+    pub fn new(fd: RawFd, depth: u32) -> Result<Self, UringError> {
+        let depth = depth.clamp(1, 4096);
+        let ring = IoUring::new(depth).map_err(UringError::Ring)?;
+        let eventfd = EventFd::new(EFD_NONBLOCK).map_err(UringError::Ring)?;
+        ring.submitter()
+            .register_eventfd(eventfd.as_raw_fd())
+            .map_err(UringError::Ring)?;
+        Ok(Self {
+            ring,
+            fd,
+            slots: (0..depth).map(|_| None).collect(),
+            free: (0..depth as usize).rev().collect(),
+            unsubmitted: 0,
+            eventfd,
+        })
+    }
+
+    /// Readable when completions are waiting.
+    pub fn completion_fd(&self) -> &EventFd {
+        &self.eventfd
+    }
+
+    /// Operations submitted and not yet reaped.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Whether another operation fits.
+    pub fn has_room(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    /// Whether `req` is one this engine submits (reads, writes, flushes); others run
+    /// synchronously.
+    pub fn handles(req: &Request) -> bool {
+        matches!(
+            req.kind,
+            RequestKind::In { .. } | RequestKind::Out { .. } | RequestKind::Flush
+        )
+    }
+
+    /// Queue `req` (one of [`UringEngine::handles`]); needs [`UringEngine::has_room`].
+    ///
+    /// The guest memory behind `mem` must stay mapped until the operation is reaped.
+    pub fn push<M: GuestMemory + ?Sized>(
+        &mut self,
+        req: &Request,
+        mem: &M,
+    ) -> Result<(), ExecError> {
+        let Some(slot) = self.free.pop() else {
+            return Err(ExecError::Short);
+        };
+        let mut iov = Vec::new();
+        let (kind, entry, expected) = match &req.kind {
+            RequestKind::In { sector, data } | RequestKind::Out { sector, data } => {
+                let read = matches!(req.kind, RequestKind::In { .. });
+                if let Err(e) = guest_iovecs(mem, data, read, &mut iov) {
+                    self.free.push(slot);
+                    return Err(e);
+                }
+                let n = u32::try_from(iov.len()).unwrap_or(u32::MAX);
+                let fd = types::Fd(self.fd);
+                let offset = sector << SECTOR_SHIFT;
+                if read {
+                    let e = opcode::Readv::new(fd, iov.as_ptr(), n)
+                        .offset(offset)
+                        .build();
+                    (OpKind::Read, e, req.data_len())
+                } else {
+                    let e = opcode::Writev::new(fd, iov.as_ptr(), n)
+                        .offset(offset)
+                        .build();
+                    (OpKind::Write, e, req.data_len())
+                }
+            }
+            RequestKind::Flush => {
+                let e = opcode::Fsync::new(types::Fd(self.fd))
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build()
+                    // Ordered after every earlier submission, so it covers their writes.
+                    .flags(squeue::Flags::IO_DRAIN);
+                (OpKind::Flush, e, 0)
+            }
+            _ => {
+                self.free.push(slot);
+                return Err(ExecError::Short);
+            }
+        };
+        let entry = entry.user_data(slot as u64);
+        // SAFETY: the entry's iovec array (heap buffer of `iov`) and the guest buffers it points
+        // to stay valid until completion: `iov` is stored in the slot below and only dropped
+        // when its completion is reaped (or the engine drains on drop).
+        let pushed = unsafe { self.ring.submission().push(&entry) };
+        if pushed.is_err() {
+            self.free.push(slot);
+            return Err(ExecError::Short);
+        }
+        if let Some(s) = self.slots.get_mut(slot) {
+            *s = Some(InFlight {
+                head_index: req.head_index,
+                status_addr: req.status_addr,
+                kind,
+                expected,
+                _iov: iov,
+            });
+        }
+        self.unsubmitted += 1;
+        Ok(())
+    }
+
+    /// Hand queued entries to the kernel.
+    pub fn submit(&mut self) -> Result<(), UringError> {
+        if self.unsubmitted > 0 {
+            self.ring.submit().map_err(UringError::Ring)?;
+            self.unsubmitted = 0;
+        }
+        Ok(())
+    }
+
+    /// Submit and block until at least `want` completions are ready.
+    pub fn wait(&mut self, want: usize) -> Result<(), UringError> {
+        let want = want.min(self.in_flight());
+        self.ring.submit_and_wait(want).map_err(UringError::Ring)?;
+        self.unsubmitted = 0;
+        Ok(())
+    }
+
+    /// Take every ready completion.
+    pub fn reap(&mut self, mut f: impl FnMut(Done)) {
+        let _ = self.eventfd.read();
+        let mut cq = self.ring.completion();
+        cq.sync();
+        for cqe in &mut cq {
+            let slot = cqe.user_data() as usize;
+            let Some(op) = self.slots.get_mut(slot).and_then(Option::take) else {
+                continue;
+            };
+            self.free.push(slot);
+            let res = cqe.result();
+            let bytes = u64::try_from(res).unwrap_or(0);
+            let ok = res >= 0 && bytes == op.expected;
+            f(Done {
+                head_index: op.head_index,
+                status_addr: op.status_addr,
+                kind: op.kind,
+                bytes,
+                ok,
+            });
+        }
+    }
+
+    /// Wait for and reap every in-flight operation.
+    pub fn drain(&mut self, mut f: impl FnMut(Done)) {
+        while self.in_flight() > 0 {
+            if self.wait(1).is_err() {
+                break;
+            }
+            self.reap(&mut f);
+        }
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        // The kernel may still write into buffers: wait for everything before freeing.
+        self.drain(|_| {});
+    }
+}
