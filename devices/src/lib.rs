@@ -41,6 +41,7 @@
 pub mod bus;
 pub mod debug_exit;
 pub mod interrupt;
+pub mod ioapic;
 pub mod msi;
 pub mod pci;
 pub mod serial;

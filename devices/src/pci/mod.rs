@@ -60,6 +60,9 @@ pub use config::{ConfigSpace, ConfigStats, PciHeader};
 pub use msix::{Msix, MsixConfig, MsixStats, MsixVector};
 pub use root::{PciConfigIo, PciEcam, PciRoot, PciStats};
 
+#[cfg(test)]
+mod tests;
+
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
