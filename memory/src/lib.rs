@@ -33,6 +33,8 @@ pub mod layout;
 pub mod nested;
 pub mod paging;
 pub mod shadow;
+#[cfg(feature = "test-utils")]
+pub mod test_utils;
 pub mod tlb;
 pub mod walk;
 
