@@ -124,6 +124,11 @@ impl QueueWorker {
             queue.disable_notification(mem).map_err(qerr)?;
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
                 let head = chain.head_index();
+                if head >= queue.size() {
+                    // No used-ring entry can name this head: drop it, counted.
+                    inc(&metrics.invalid_chains);
+                    continue;
+                }
                 let req = match parse(chain, &shared.parse_cfg) {
                     Ok(req) => req,
                     Err(rej) => {
