@@ -24,6 +24,37 @@ pub enum Error {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
+    /// The VMCS cannot be handed to KVM (failed guest-state check or unrepresentable field).
+    #[error("VMCS rejected")]
+    Vmcs(#[from] crate::kvm_map::MapError),
+    /// KVM accepted only part of an MSR list; `index` is the first MSR it rejected.
+    #[error("KVM rejected MSR {index:#x}")]
+    MsrRejected {
+        /// The rejected MSR.
+        index: u32,
+    },
+    /// More MSRs than one KVM_GET/SET_MSRS call takes.
+    #[error("{0} MSRs exceed the limit of {max}", max = kvm_bindings::KVM_MAX_MSR_ENTRIES)]
+    TooManyMsrs(usize),
+    /// The exception bitmap asks for exits KVM cannot produce (only #DB and #BP can be
+    /// intercepted through KVM_SET_GUEST_DEBUG).
+    #[error("exception bitmap {0:#x} has vectors KVM cannot intercept")]
+    UnsupportedExceptionBitmap(u32),
+    /// The last exit was not the kind this call completes (e.g. an MSR answer after an I/O exit).
+    #[error("last exit was not {0}")]
+    NotInExit(&'static str),
+    /// A saved vCPU state with a version this crate cannot read.
+    #[error("vCPU state version {0} unsupported")]
+    StateVersion(u32),
+    /// A signal-handler or thread operation failed.
+    #[error("{op} failed")]
+    Os {
+        /// The operation.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Too many memory regions for the VM's slots.
     #[error("no free KVM memory slot (limit {0})")]
     NoMemorySlot(usize),

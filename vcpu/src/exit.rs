@@ -97,6 +97,24 @@ pub enum Exit {
     IrqWindowOpen,
     /// KVM_RUN returned early (signal or `immediate_exit`).
     Interrupted,
+    /// RDMSR of an MSR that KVM forwards to userspace (KVM_CAP_X86_USER_SPACE_MSR: filtered,
+    /// unknown or invalid). Answer with `KvmVcpu::complete_msr_read` or
+    /// `KvmVcpu::fail_msr_access` before the next run; unanswered reads return 0.
+    MsrRead {
+        /// MSR index (ECX).
+        index: u32,
+        /// KVM_MSR_EXIT_REASON_* bits.
+        reason: u32,
+    },
+    /// WRMSR forwarded to userspace; `KvmVcpu::fail_msr_access` makes it raise #GP.
+    MsrWrite {
+        /// MSR index (ECX).
+        index: u32,
+        /// Value written (EDX:EAX).
+        data: u64,
+        /// KVM_MSR_EXIT_REASON_* bits.
+        reason: u32,
+    },
     /// An exit this crate does not decode; the raw KVM_EXIT_* number.
     Unsupported(u32),
 }
@@ -135,11 +153,15 @@ pub enum ExitKind {
     Interrupted,
     /// [`Exit::Unsupported`].
     Unsupported,
+    /// [`Exit::MsrRead`].
+    MsrRead,
+    /// [`Exit::MsrWrite`].
+    MsrWrite,
 }
 
 impl ExitKind {
     /// Every kind, in declaration order.
-    pub const ALL: [ExitKind; 15] = [
+    pub const ALL: [ExitKind; 17] = [
         ExitKind::PioRead,
         ExitKind::PioWrite,
         ExitKind::MmioRead,
@@ -155,6 +177,8 @@ impl ExitKind {
         ExitKind::IrqWindowOpen,
         ExitKind::Interrupted,
         ExitKind::Unsupported,
+        ExitKind::MsrRead,
+        ExitKind::MsrWrite,
     ];
 
     /// A short lowercase name (`"pio-write"` …).
@@ -175,6 +199,8 @@ impl ExitKind {
             ExitKind::IrqWindowOpen => "irq-window-open",
             ExitKind::Interrupted => "interrupted",
             ExitKind::Unsupported => "unsupported",
+            ExitKind::MsrRead => "msr-read",
+            ExitKind::MsrWrite => "msr-write",
         }
     }
 }
@@ -194,7 +220,40 @@ impl Exit {
             Exit::IrqWindowOpen => ExitKind::IrqWindowOpen,
             Exit::Interrupted => ExitKind::Interrupted,
             Exit::Unsupported(_) => ExitKind::Unsupported,
+            Exit::MsrRead { .. } => ExitKind::MsrRead,
+            Exit::MsrWrite { .. } => ExitKind::MsrWrite,
         }
+    }
+
+    /// For an emulation failure that carries them (KVM_INTERNAL_ERROR_EMULATION with
+    /// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES), the bytes of the instruction KVM
+    /// could not emulate: `data[0]` = flags, then the instruction length byte and up to 15 bytes.
+    ///
+    /// ```
+    /// use vmkit_vcpu::Exit;
+    /// // `int3` (0xcc), 1 byte.
+    /// let e = Exit::InternalError { suberror: 1, data: vec![1, 0xcc01, 0] };
+    /// assert_eq!(e.instruction_bytes(), Some(vec![0xcc]));
+    /// assert_eq!(Exit::Hlt.instruction_bytes(), None);
+    /// ```
+    pub fn instruction_bytes(&self) -> Option<Vec<u8>> {
+        let Exit::InternalError { suberror, data } = self else {
+            return None;
+        };
+        if *suberror != kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+            return None;
+        }
+        let [flags, a, b, ..] = data.as_slice() else {
+            return None;
+        };
+        if flags & kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES as u64 == 0 {
+            return None;
+        }
+        let mut raw = [0u8; 16];
+        raw[..8].copy_from_slice(&a.to_le_bytes());
+        raw[8..].copy_from_slice(&b.to_le_bytes());
+        let len = (raw[0] as usize).min(15);
+        Some(raw[1..1 + len].to_vec())
     }
 }
 

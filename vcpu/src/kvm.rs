@@ -188,6 +188,15 @@ impl VcpuRun for KvmVcpu {
                 args: h.args,
             },
             K::FailEntry(reason, cpu) => Exit::FailEntry { reason, cpu },
+            K::X86Rdmsr(m) => Exit::MsrRead {
+                index: m.index,
+                reason: m.reason.bits(),
+            },
+            K::X86Wrmsr(m) => Exit::MsrWrite {
+                index: m.index,
+                data: m.data,
+                reason: m.reason.bits(),
+            },
             K::SystemEvent(kind, data) => Exit::SystemEvent {
                 kind,
                 data: data.to_vec(),

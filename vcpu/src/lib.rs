@@ -41,6 +41,8 @@
 mod error;
 pub mod exit;
 pub mod kvm;
+pub mod kvm_ext;
+pub mod kvm_map;
 pub mod run_loop;
 pub mod state;
 #[cfg(any(test, feature = "test-utils"))]
@@ -53,7 +55,11 @@ pub use exit::{Exit, ExitKind, ExitStats, VcpuExit};
 pub use kvm::{KvmVcpu, KvmVm};
 pub use run_loop::{IoHandler, RunOutcome, StopHandle, run_until_exit};
 pub use state::{LongModeState, Segment};
-pub use traits::{VcpuRegisters, VcpuRun, VcpuSpecialRegisters};
+pub use traits::{
+    VcpuEvents, VcpuExtendedState, VcpuGuestState, VcpuInterruptWindow, VcpuMsrs, VcpuRegisters,
+    VcpuRun, VcpuSpecialRegisters,
+};
+pub use vmcs::Vmcs;
 
 #[cfg(test)]
 mod kvm_tests;

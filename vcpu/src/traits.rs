@@ -1,4 +1,7 @@
-use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_bindings::{
+    kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
 
 use crate::{Error, VcpuExit};
 
@@ -23,4 +26,67 @@ pub trait VcpuSpecialRegisters {
     fn sregs(&self) -> Result<kvm_sregs, Error>;
     /// Write the special registers.
     fn set_sregs(&mut self, sregs: &kvm_sregs) -> Result<(), Error>;
+}
+
+/// Pending/injected events, interrupt shadow and NMI masking, and the activity (MP) state.
+pub trait VcpuEvents {
+    /// Read the event state (KVM_GET_VCPU_EVENTS).
+    fn vcpu_events(&self) -> Result<kvm_vcpu_events, Error>;
+    /// Write the event state (KVM_SET_VCPU_EVENTS).
+    fn set_vcpu_events(&mut self, events: &kvm_vcpu_events) -> Result<(), Error>;
+    /// Read the activity state (KVM_GET_MP_STATE).
+    fn mp_state(&self) -> Result<kvm_mp_state, Error>;
+    /// Write the activity state (KVM_SET_MP_STATE).
+    fn set_mp_state(&mut self, state: kvm_mp_state) -> Result<(), Error>;
+}
+
+/// Model-specific registers.
+pub trait VcpuMsrs {
+    /// Read the MSRs `indices` (at most `KVM_MAX_MSR_ENTRIES`).
+    fn get_msrs(&self, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, Error>;
+    /// Write MSRs; fails naming the first MSR KVM rejects.
+    fn set_msrs(&mut self, entries: &[kvm_msr_entry]) -> Result<(), Error>;
+}
+
+/// Debug registers, extended control registers, the local APIC and the XSAVE area.
+pub trait VcpuExtendedState {
+    /// DR0–DR3, DR6, DR7.
+    fn debug_regs(&self) -> Result<kvm_debugregs, Error>;
+    /// Write DR0–DR3, DR6, DR7.
+    fn set_debug_regs(&mut self, regs: &kvm_debugregs) -> Result<(), Error>;
+    /// XCRs.
+    fn xcrs(&self) -> Result<kvm_xcrs, Error>;
+    /// Write XCRs.
+    fn set_xcrs(&mut self, xcrs: &kvm_xcrs) -> Result<(), Error>;
+    /// The legacy 4-KiB XSAVE area.
+    fn xsave(&self) -> Result<kvm_xsave, Error>;
+    /// Write the XSAVE area.
+    fn set_xsave(&mut self, xsave: &kvm_xsave) -> Result<(), Error>;
+    /// Local APIC registers (needs an in-kernel irqchip).
+    fn lapic(&self) -> Result<kvm_lapic_state, Error>;
+    /// Write the local APIC registers.
+    fn set_lapic(&mut self, lapic: &kvm_lapic_state) -> Result<(), Error>;
+}
+
+/// Everything the VMCS guest-state area maps to (see [`crate::kvm_map`]).
+pub trait VcpuGuestState:
+    VcpuRegisters + VcpuSpecialRegisters + VcpuEvents + VcpuMsrs + VcpuExtendedState
+{
+}
+
+impl<T> VcpuGuestState for T where
+    T: VcpuRegisters + VcpuSpecialRegisters + VcpuEvents + VcpuMsrs + VcpuExtendedState + ?Sized
+{
+}
+
+/// Interrupt-window control for injecting external interrupts without an in-kernel irqchip.
+pub trait VcpuInterruptWindow {
+    /// True when the last exit reported that the guest can take an external interrupt now
+    /// (RFLAGS.IF = 1, no STI/MOV SS shadow, nothing already queued).
+    fn interrupt_window_open(&mut self) -> bool;
+    /// Ask for an exit as soon as the window opens (`kvm_run.request_interrupt_window`).
+    fn request_interrupt_window(&mut self, on: bool);
+    /// Queue external interrupt `vector` for the next entry (KVM_INTERRUPT). Only valid when the
+    /// window is open.
+    fn inject_external_interrupt(&mut self, vector: u8) -> Result<(), Error>;
 }

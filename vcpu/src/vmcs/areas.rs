@@ -159,6 +159,8 @@ pub struct GuestMsrs {
     pub kernel_gs_base: u64,
     /// IA32_TSC (0x10).
     pub tsc: u64,
+    /// IA32_APIC_BASE (0x1b).
+    pub apic_base: u64,
 }
 
 /// Guest-state area (SDM §25.4), plus the register state VMX leaves to software

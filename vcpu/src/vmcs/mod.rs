@@ -325,6 +325,7 @@ impl Vmcs {
         g.dr6 = 0xffff_0ff0;
         g.ia32_pat = 0x0007_0406_0007_0406;
         g.xcr0 = 1;
+        g.msrs.apic_base = 0xfee0_0900;
         g.vmcs_link_pointer = u64::MAX;
         v.entry.controls = controls::entry::IA32E_MODE_GUEST | controls::entry::LOAD_IA32_EFER;
         v.exit.controls = controls::exit::HOST_ADDRESS_SPACE_SIZE;
