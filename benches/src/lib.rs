@@ -1,1 +1,1 @@
-//! stub
+//! Criterion benchmarks that cut across vmkit crates; see `benches/`.
