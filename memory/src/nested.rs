@@ -158,6 +158,8 @@ pub struct NestedTranslation {
     pub hpa: u64,
     /// The guest walk.
     pub guest: GuestWalk,
+    /// The EPT translation of the final guest-physical address (its rights, memory type …).
+    pub ept: ept::EptTranslation,
     /// Every memory reference, in order.
     pub refs: MemRefs,
 }
@@ -311,6 +313,7 @@ pub fn walk_2d<M: GuestMemory + ?Sized>(
         gpa: g.gpa,
         hpa: t.hpa,
         guest: g,
+        ept: t,
         refs: r.refs,
     })
 }

@@ -44,7 +44,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use crate::ept::{self, EptAccess, EptFault};
+use crate::ept::{self, EptAccess, EptFault, eptf};
 use crate::nested::{NestedError, NestedSetup, Stage, walk_2d};
 use crate::paging::flags;
 use crate::walk::{Access, AccessKind, PageFault, PagingMode, Perms};
@@ -110,8 +110,22 @@ struct Spte {
     hpa_page: u64,
     gpa_page: u64,
     perms: Perms,
-    /// Writes allowed without a hypervisor fault (guest writable, dirty set, not a table page).
-    hw_writable: bool,
+    /// Access kinds the hardware lets through without a hypervisor fault ([`kind_bit`]): allowed
+    /// by the GPA→HPA rights, and for writes also guest-writable, dirty and not a table page.
+    allow: u8,
+    /// GPA→HPA rights allow writes and the guest dirty bit needs no update (used when an
+    /// unsync page becomes writable again).
+    host_writable: bool,
+}
+
+/// The [`Spte::allow`] bit of an access kind.
+#[inline]
+fn kind_bit(kind: AccessKind) -> u8 {
+    match kind {
+        AccessKind::Read => 1,
+        AccessKind::Write => 2,
+        AccessKind::Fetch => 4,
+    }
 }
 
 /// A tracked guest page-table page.
@@ -214,7 +228,7 @@ impl ShadowMmu {
         access: Access,
     ) -> Result<u64, ShadowError> {
         if let Some(s) = self.cur.get(&(gva >> 12))
-            && (access.kind != AccessKind::Write || s.hw_writable)
+            && s.allow & kind_bit(access.kind) != 0
             && s.perms.check(access, &self.setup.mode).is_ok()
         {
             self.counters.hits += 1;
@@ -261,11 +275,29 @@ impl ShadowMmu {
         let leaf = t.guest.entries().last().map_or(0, |s| s.entry);
         let dirty = leaf & flags::DIRTY != 0 || access.kind == AccessKind::Write;
         let dirty_ok = !self.setup.mode.update_ad || dirty;
+        let rights = t.ept.rights;
+        let exec = if self.setup.ept.mbec && t.guest.perms.user {
+            eptf::USER_EXECUTE
+        } else {
+            eptf::EXECUTE
+        };
+        let host_writable = rights & eptf::WRITE != 0 && dirty_ok;
+        let mut allow = 0;
+        if rights & eptf::READ != 0 {
+            allow |= kind_bit(AccessKind::Read);
+        }
+        if rights & exec != 0 {
+            allow |= kind_bit(AccessKind::Fetch);
+        }
+        if host_writable && t.guest.perms.writable && !is_pt_page {
+            allow |= kind_bit(AccessKind::Write);
+        }
         let spte = Spte {
             hpa_page: t.hpa & !0xfff,
             gpa_page,
             perms: t.guest.perms,
-            hw_writable: t.guest.perms.writable && dirty_ok && !is_pt_page,
+            allow,
+            host_writable,
         };
         self.cur.insert(vpn, spte);
         Ok(t.hpa)
@@ -313,7 +345,9 @@ impl ShadowMmu {
                     // Entries mapping the page itself may now be written without a fault.
                     for m in [&mut self.cur].into_iter().chain(self.roots.values_mut()) {
                         for s in m.values_mut().filter(|s| s.gpa_page == page) {
-                            s.hw_writable = s.perms.writable;
+                            if s.host_writable && s.perms.writable {
+                                s.allow |= kind_bit(AccessKind::Write);
+                            }
                         }
                     }
                 } else {
