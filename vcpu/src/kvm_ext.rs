@@ -283,10 +283,9 @@ impl KvmVm {
     pub fn apply_msr_controls(&self, vmcs: &Vmcs) -> Result<(), Error> {
         self.enable_user_space_msr()?;
         if vmcs.execution.primary_processor_based & primary::USE_MSR_BITMAPS == 0 {
-            return self
-                .fd()
-                .set_msr_filter(MsrFilterDefaultAction::DENY, &[])
-                .map_err(Error::kvm("KVM_X86_SET_MSR_FILTER"));
+            // KVM refuses "deny by default" with no ranges; an all-ones bitmap (every access
+            // exits) inside the ranges plus DENY outside them says the same.
+            return self.set_msr_bitmap(&MsrBitmap::all_exiting());
         }
         self.set_msr_bitmap(&vmcs.execution.msr_bitmap)
     }

@@ -38,7 +38,9 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod control;
 mod error;
+pub mod events;
 pub mod exit;
 pub mod kvm;
 pub mod kvm_ext;
@@ -63,3 +65,5 @@ pub use vmcs::Vmcs;
 
 #[cfg(test)]
 mod kvm_tests;
+#[cfg(test)]
+mod kvm_tests_vmcs;

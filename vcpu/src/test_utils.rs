@@ -33,6 +33,10 @@ pub const STACK_TOP: u64 = 0x8_0000;
 pub const PAGE_TABLE_ADDR: u64 = 0x9000;
 /// A scratch data page a guest may use.
 pub const DATA_ADDR: u64 = 0x20_0000;
+/// Where [`TinyGuest::install_idt`] puts the IDT (256 16-byte gates).
+pub const IDT_ADDR: u64 = 0x1000;
+/// A page for interrupt handlers, free for tests.
+pub const HANDLER_ADDR: u64 = 0x30_0000;
 /// Default guest RAM size.
 pub const DEFAULT_RAM: u64 = 16 << 20;
 
@@ -71,6 +75,48 @@ impl TinyGuest {
 
     /// A guest with `ram` bytes running machine code `code` from [`CODE_ADDR`].
     pub fn with_code(ram: u64, code: &[u8]) -> Result<Self, HarnessError> {
+        Self::build(ram, code, false)
+    }
+
+    /// Like [`new`](Self::new) on a VM with an in-kernel irqchip (LAPIC state can be saved;
+    /// `hlt` no longer exits to userspace).
+    pub fn with_irqchip(
+        program: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+    ) -> Result<Self, HarnessError> {
+        Self::build(DEFAULT_RAM, &assemble(CODE_ADDR, program)?, true)
+    }
+
+    /// Write `code` (assembled at `addr` by [`assemble`]) into guest memory.
+    pub fn load(
+        &self,
+        addr: u64,
+        program: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+    ) -> Result<(), HarnessError> {
+        self.mem
+            .write_slice(&assemble(addr, program)?, GuestAddress(addr))?;
+        Ok(())
+    }
+
+    /// Write a 64-bit IDT at [`IDT_ADDR`] with interrupt gates (CS 0x08) for `(vector, handler)`
+    /// and point the vCPU's IDTR at it.
+    pub fn install_idt(&mut self, handlers: &[(u8, u64)]) -> Result<(), HarnessError> {
+        use crate::VcpuSpecialRegisters;
+        for &(vector, h) in handlers {
+            let lo: u64 =
+                (h & 0xffff) | (0x08 << 16) | (0x8e00u64 << 32) | ((h >> 16) & 0xffff) << 48;
+            let hi: u64 = h >> 32;
+            let at = IDT_ADDR + vector as u64 * 16;
+            self.mem.write_obj(lo, GuestAddress(at))?;
+            self.mem.write_obj(hi, GuestAddress(at + 8))?;
+        }
+        let mut sregs = self.vcpu.sregs()?;
+        sregs.idt.base = IDT_ADDR;
+        sregs.idt.limit = 256 * 16 - 1;
+        self.vcpu.set_sregs(&sregs)?;
+        Ok(())
+    }
+
+    fn build(ram: u64, code: &[u8], irqchip: bool) -> Result<Self, HarnessError> {
         let layout = GuestLayout::builder().ram_size(ram).build()?;
         let mem = layout.create_memory()?;
         let mut pt = PageTableBuilder::new(&mem, PAGE_TABLE_ADDR, 0x7000)?;
@@ -79,6 +125,9 @@ impl TinyGuest {
         let state = LongModeState::flat_64(pt.cr3(), CODE_ADDR, STACK_TOP);
         state.write_gdt(&mem)?;
         let mut vm = KvmVm::new()?;
+        if irqchip {
+            vm.create_irqchip()?;
+        }
         vm.register_memory(&mem)?;
         let mut vcpu = vm.create_vcpu(0)?;
         state.apply(&mut vcpu)?;

@@ -35,7 +35,7 @@ pub mod controls;
 pub mod exit_reason;
 mod field;
 pub mod interruption;
-mod msr_bitmap;
+pub mod msr_bitmap;
 
 pub use areas::{
     DescriptorTable, EntryControls, ExecutionControls, ExitControls, ExitInfo, GeneralRegisters,

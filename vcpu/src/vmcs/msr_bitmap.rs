@@ -79,6 +79,11 @@ fn locate(msr: u32) -> Option<(usize, u32)> {
 }
 
 impl MsrBitmap {
+    /// Every access exits.
+    pub fn all_exiting() -> Self {
+        Self(Box::new([0xff; MSR_BITMAP_SIZE]))
+    }
+
     /// From a 4096-byte page.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, MsrBitmapError> {
         let arr: [u8; MSR_BITMAP_SIZE] = bytes

@@ -1,0 +1,189 @@
+//! Event injection with VM-entry interruption-information semantics (SDM vol. 3C §27.6) and
+//! interrupt-window handling.
+//!
+//! [`inject`] takes an [`InterruptionInfo`] (external interrupt, NMI, hardware exception with or
+//! without error code, software interrupt), checks it against the vCPU's current guest state
+//! with the VM-entry rules (RFLAGS.IF = 1 and no STI/MOV SS shadow for external interrupts, the
+//! error-code rules, vector ranges …) and hands it to KVM for the next entry.
+//!
+//! External interrupts usually arrive when the guest cannot take them. [`InterruptQueue`] holds
+//! them: before each entry the run loop either injects the oldest one (window open) or asks KVM
+//! for an interrupt-window exit, as a VMM sets "interrupt-window exiting" on VMX. Each raised
+//! interrupt is injected exactly once, in order.
+//!
+//! ```no_run
+//! use vmkit_vcpu::events::{InterruptQueue, inject};
+//! use vmkit_vcpu::vmcs::InterruptionInfo;
+//! # fn demo(vcpu: &mut vmkit_vcpu::KvmVcpu) -> Result<(), vmkit_vcpu::Error> {
+//! // #GP(0x18) at the next entry.
+//! inject(vcpu, InterruptionInfo::hardware_exception(13), 0x18, 0)?;
+//! // An external interrupt whenever the guest can take it.
+//! let irqs = InterruptQueue::new();
+//! irqs.raise(0x20);
+//! // ... run with vmkit_vcpu::control::run_controlled(…, RunControl::new().with_interrupts(irqs))
+//! # Ok(()) }
+//! ```
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::kvm_ext::read_guest_state;
+use crate::vmcs::{InterruptionInfo, Vmcs};
+use crate::{Error, VcpuGuestState, VcpuInterruptWindow};
+
+/// Inject `info` (with `error_code` and, for software events, `instruction_length`) at the next
+/// VM entry of `vcpu`. The current guest state plus the event must pass the VM-entry checks
+/// ([`crate::vmcs::checks`]); otherwise nothing is injected and the violated rule is returned.
+pub fn inject<V: VcpuGuestState + ?Sized>(
+    vcpu: &mut V,
+    info: InterruptionInfo,
+    error_code: u32,
+    instruction_length: u32,
+) -> Result<(), Error> {
+    let mut vmcs = Vmcs::from_kvm(&read_guest_state(vcpu)?);
+    vmcs.inject(info, error_code, instruction_length);
+    let k = vmcs.to_kvm()?;
+    if info.kind.is_software() {
+        vcpu.set_regs(&k.regs)?;
+    }
+    vcpu.set_vcpu_events(&k.events)
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    pending: Mutex<VecDeque<u8>>,
+    len: AtomicUsize,
+}
+
+/// Pending external interrupts for one vCPU, shared with whoever raises them (devices, other
+/// threads). Checking an empty queue costs one atomic load.
+///
+/// ```
+/// use vmkit_vcpu::events::InterruptQueue;
+/// let q = InterruptQueue::new();
+/// let device_side = q.clone();
+/// device_side.raise(0x21);
+/// device_side.raise(0x20);
+/// assert_eq!(q.pending(), 2);
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct InterruptQueue(Arc<Inner>);
+
+/// What [`InterruptQueue::before_entry`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WindowAction {
+    /// Nothing pending.
+    Idle,
+    /// Injected this vector.
+    Injected(u8),
+    /// The guest cannot take an interrupt now; an interrupt-window exit was requested.
+    WindowRequested,
+}
+
+impl InterruptQueue {
+    /// An empty queue.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Queue external interrupt `vector`.
+    pub fn raise(&self, vector: u8) {
+        let mut q = self.0.pending.lock().unwrap_or_else(|e| e.into_inner());
+        q.push_back(vector);
+        self.0.len.store(q.len(), Ordering::Release);
+    }
+
+    /// Interrupts not yet injected.
+    #[inline]
+    pub fn pending(&self) -> usize {
+        self.0.len.load(Ordering::Acquire)
+    }
+
+    /// Call before every entry: inject the oldest pending interrupt if the last exit reported
+    /// an open window, otherwise request an interrupt-window exit. Keeps the window request on
+    /// while more interrupts wait.
+    #[inline]
+    pub fn before_entry<V: VcpuInterruptWindow + ?Sized>(
+        &self,
+        vcpu: &mut V,
+    ) -> Result<WindowAction, Error> {
+        if self.pending() == 0 {
+            vcpu.request_interrupt_window(false);
+            return Ok(WindowAction::Idle);
+        }
+        if !vcpu.interrupt_window_open() {
+            vcpu.request_interrupt_window(true);
+            return Ok(WindowAction::WindowRequested);
+        }
+        let mut q = self.0.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(&vector) = q.front() else {
+            vcpu.request_interrupt_window(false);
+            return Ok(WindowAction::Idle);
+        };
+        vcpu.inject_external_interrupt(vector)?;
+        q.pop_front();
+        self.0.len.store(q.len(), Ordering::Release);
+        vcpu.request_interrupt_window(!q.is_empty());
+        Ok(WindowAction::Injected(vector))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct FakeWindow {
+        open: bool,
+        requested: bool,
+        injected: Vec<u8>,
+    }
+
+    impl VcpuInterruptWindow for FakeWindow {
+        fn interrupt_window_open(&mut self) -> bool {
+            self.open
+        }
+        fn request_interrupt_window(&mut self, on: bool) {
+            self.requested = on;
+        }
+        fn inject_external_interrupt(&mut self, vector: u8) -> Result<(), Error> {
+            self.open = false; // KVM reports "not ready" until it is delivered
+            self.injected.push(vector);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn queued_until_window_then_each_once_in_order() {
+        let q = InterruptQueue::new();
+        let mut v = FakeWindow::default();
+        assert_eq!(q.before_entry(&mut v).unwrap(), WindowAction::Idle);
+        q.raise(0x20);
+        q.raise(0x21);
+        assert_eq!(
+            q.before_entry(&mut v).unwrap(),
+            WindowAction::WindowRequested
+        );
+        assert!(v.requested && v.injected.is_empty());
+        v.open = true;
+        assert_eq!(
+            q.before_entry(&mut v).unwrap(),
+            WindowAction::Injected(0x20)
+        );
+        assert!(v.requested, "second interrupt still waits");
+        assert_eq!(
+            q.before_entry(&mut v).unwrap(),
+            WindowAction::WindowRequested
+        );
+        v.open = true;
+        assert_eq!(
+            q.before_entry(&mut v).unwrap(),
+            WindowAction::Injected(0x21)
+        );
+        assert!(!v.requested);
+        assert_eq!(q.before_entry(&mut v).unwrap(), WindowAction::Idle);
+        assert_eq!(v.injected, [0x20, 0x21]);
+        assert_eq!(q.pending(), 0);
+    }
+}
