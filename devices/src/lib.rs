@@ -42,6 +42,9 @@ pub mod bus;
 pub mod debug_exit;
 pub mod interrupt;
 pub mod ioapic;
+pub mod kvm_irq;
+#[cfg(test)]
+mod kvm_tests;
 pub mod msi;
 pub mod pci;
 pub mod serial;
