@@ -330,7 +330,7 @@ pub fn parse_descriptors<M: GuestMemory + ?Sized>(
                 Err(e) => return fail(e),
             };
             let len: u64 = data.iter().map(|d| u64::from(d.len)).sum();
-            if len % SECTOR_SIZE != 0 {
+            if !len.is_multiple_of(SECTOR_SIZE) {
                 return fail(RequestError::DataNotSectorMultiple);
             }
             if !within_capacity(sector, len >> SECTOR_SHIFT, cfg.capacity) {
@@ -433,7 +433,7 @@ fn discard_segments<M: GuestMemory + ?Sized>(
         if d.is_write_only() {
             return Err(RequestError::DataWrongDirection);
         }
-        if d.len() % VIRTIO_BLK_DISCARD_WRITE_ZEROES_SIZE != 0 {
+        if !d.len().is_multiple_of(VIRTIO_BLK_DISCARD_WRITE_ZEROES_SIZE) {
             return Err(RequestError::BadSegmentLayout);
         }
         let n = d.len() / VIRTIO_BLK_DISCARD_WRITE_ZEROES_SIZE;
