@@ -28,6 +28,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod dirty;
 pub mod ept;
 pub mod layout;
 pub mod nested;
