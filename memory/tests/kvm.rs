@@ -25,7 +25,6 @@ const TABLES: u64 = 0x10_0000;
 
 struct Vm {
     vm: VmFd,
-    gbpages: bool,
     vcpu: Option<VcpuFd>,
     mem: Mem,
 }
@@ -56,7 +55,6 @@ fn vm(log: bool, ring: bool) -> (Vm, u32) {
     (
         Vm {
             vm,
-            gbpages: false,
             vcpu: None,
             mem,
         },
@@ -81,21 +79,10 @@ fn start_with_efer(v: &mut Vm, cr3: u64, code: &[u8], efer: u64) {
             .write_obj(*d, GuestAddress(GDT + i as u64 * 8))
             .unwrap();
     }
-    let vcpu = v.vm.create_vcpu(0).unwrap();
-    let kvm = Kvm::new().unwrap();
-    let mut cpuid = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .unwrap();
-    if v.gbpages {
-        // Offer 1 GiB pages (CPUID.80000001H:EDX.Page1GB) even if the host lists them as
-        // unsupported: KVM's MMU then accepts PDPTEs with PS.
-        for e in cpuid.as_mut_slice() {
-            if e.function == 0x8000_0001 {
-                e.edx |= 1 << 26;
-            }
-        }
-    }
-    vcpu.set_cpuid2(&cpuid).unwrap();
+    let vcpu = match v.vcpu.take() {
+        Some(c) => c,
+        None => new_vcpu(v),
+    };
     let mut s = vcpu.get_sregs().unwrap();
     let code_seg = kvm_segment {
         base: 0,
@@ -145,6 +132,16 @@ fn start_with_efer(v: &mut Vm, cr3: u64, code: &[u8], efer: u64) {
     };
     vcpu.set_regs(&regs).unwrap();
     v.vcpu = Some(vcpu);
+}
+
+fn new_vcpu(v: &Vm) -> VcpuFd {
+    let vcpu = v.vm.create_vcpu(0).unwrap();
+    let kvm = Kvm::new().unwrap();
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .unwrap();
+    vcpu.set_cpuid2(&cpuid).unwrap();
+    vcpu
 }
 
 /// Run until `hlt`; collect 8-byte `out` values (from `out dx, eax` pairs on ports 0x80/0x81).
@@ -236,13 +233,12 @@ fn kvm_translate_matches_walker() {
     // then reserved, and KVM and the walker must both reject the 1 GiB mapping. (Forcing the
     // CPUID bit does not change that here: KVM masks guest CPUID with its own capabilities.)
     for efer in [0x500, 0xD00] {
-        translate_matches(efer, false);
+        translate_matches(efer);
     }
 }
 
-fn translate_matches(efer: u64, gbpages: bool) {
+fn translate_matches(efer: u64) {
     let (mut v, _) = vm(false, false);
-    v.gbpages = gbpages;
     let cr3 = build_tables(&v.mem);
     start_with_efer(&mut v, cr3, &assemble(|a| a.hlt()), efer);
     let vcpu = v.vcpu.as_ref().unwrap();
@@ -289,6 +285,8 @@ fn translate_matches(efer: u64, gbpages: bool) {
                 addrs.len()
             );
             assert!(mapped > 1000 && holes > 1000);
+            // And a second oracle: the guest itself reads through the mappings.
+            translate_by_guest_reads(v, cr3, &addrs, mode);
         }
         Err(e) => {
             println!(
@@ -344,8 +342,7 @@ fn translate_by_guest_reads(mut v: Vm, cr3: u64, addrs: &[u64], mode: PagingMode
         a.jnz(top)?;
         a.hlt()
     });
-    // The code page lies in the identity-mapped first 2 MiB.
-    v.vcpu = None;
+    // The code page lies in the identity-mapped first 2 MiB; the vCPU is reused.
     start_with_efer(&mut v, cr3, &code, 0x500 | if mode.nxe { 0x800 } else { 0 });
     let (outs, halted) = run(&mut v.vcpu, 10 * reads.len() + 10);
     assert!(halted);
