@@ -31,6 +31,7 @@
 pub mod dirty;
 pub mod ept;
 pub mod layout;
+pub mod layout_check;
 pub mod nested;
 pub mod paging;
 pub mod shadow;
