@@ -1,2 +1,195 @@
-//! Criterion benches of vmkit-block (filled in below).
-fn main() {}
+//! 4 KiB random reads and writes through the device model (harness queue, images on tmpfs)
+//! against a plain `pread`/`pwrite` loop of the same pattern (the limit), sync and io_uring
+//! engines, raw and qcow2. After criterion's groups, a fixed-size run prints the ratios.
+
+use std::hint::black_box;
+use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group};
+use vmkit_block::config::BlockConfig;
+use vmkit_block::defs::*;
+use vmkit_block::image::{DiskImage, Qcow2Image, RawImage};
+use vmkit_block::metrics::BlockMetrics;
+use vmkit_block::rate_limiter::RateLimiter;
+use vmkit_block::test_utils::{BlockHarness, Placed, TempImages};
+use vmkit_block::worker::{BlockShared, EngineKind, QueueWorker};
+
+const DISK: u64 = 64 << 20;
+const BLOCK: usize = 4096;
+const BATCH: usize = 32;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    Limit,
+    RawSync,
+    RawUring,
+    Qcow2Sync,
+}
+
+struct Rig {
+    _dir: TempImages,
+    file: std::fs::File,
+    h: BlockHarness,
+    shared: BlockShared,
+    worker: QueueWorker,
+    buf: Vec<u8>,
+    seed: u64,
+    placed: Vec<Placed>,
+}
+
+impl Rig {
+    fn new(v: Variant) -> Self {
+        let dir = TempImages::new(true).unwrap();
+        let fill = vec![0x5au8; 1 << 20];
+        let disk: Box<dyn DiskImage> = if v == Variant::Qcow2Sync {
+            let p = dir.path("b.qcow2");
+            Qcow2Image::create(&p, DISK, None).unwrap();
+            let mut q = Qcow2Image::open(&p, false).unwrap();
+            for off in (0..DISK).step_by(fill.len()) {
+                q.write_at(&fill, off).unwrap();
+            }
+            Box::new(q)
+        } else {
+            let mut r = dir.raw("b.raw", DISK).unwrap();
+            for off in (0..DISK).step_by(fill.len()) {
+                r.write_at(&fill, off).unwrap();
+            }
+            Box::new(r)
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.path("b.raw"))
+            .or_else(|_| std::fs::File::open(dir.path("b.qcow2")))
+            .unwrap();
+        let engine = match v {
+            Variant::RawUring => EngineKind::IoUring { depth: 64 },
+            _ => EngineKind::Sync,
+        };
+        let cfg = BlockConfig::default();
+        let worker = QueueWorker::new(engine, &*disk, cfg.id_bytes()).unwrap();
+        let shared = BlockShared {
+            parse_cfg: cfg.parse_config(DISK / 512, cfg.features(false), false),
+            disk: Mutex::new(disk),
+            metrics: BlockMetrics::default(),
+            limiter: Mutex::new(RateLimiter::new(cfg.rate_limiter)),
+        };
+        let _ = RawImage::open; // (raw images are opened through TempImages::raw)
+        Self {
+            _dir: dir,
+            file,
+            h: BlockHarness::new(256),
+            shared,
+            worker,
+            buf: vec![0u8; BLOCK],
+            seed: 0x2545_f491_4f6c_dd1d,
+            placed: Vec::with_capacity(BATCH),
+        }
+    }
+
+    fn next_offset(&mut self) -> u64 {
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        (self.seed % (DISK / BLOCK as u64)) * BLOCK as u64
+    }
+
+    /// Time one batch of `BATCH` requests (driver-side placement is not timed).
+    fn batch(&mut self, v: Variant, write: bool) -> Duration {
+        if v == Variant::Limit {
+            let offs: Vec<u64> = (0..BATCH).map(|_| self.next_offset()).collect();
+            let t = Instant::now();
+            for off in offs {
+                if write {
+                    self.file.write_all_at(&self.buf, off).unwrap();
+                } else {
+                    self.file.read_exact_at(&mut self.buf, off).unwrap();
+                }
+            }
+            black_box(&self.buf);
+            return t.elapsed();
+        }
+        self.h.reset_buffers();
+        self.placed.clear();
+        let data = [0xa5u8; BLOCK];
+        for _ in 0..BATCH {
+            let sector = self.next_offset() / 512;
+            let p = if write {
+                self.h.add_request(VIRTIO_BLK_T_OUT, sector, &data, false)
+            } else {
+                self.h.add_request(VIRTIO_BLK_T_IN, sector, &data, true)
+            };
+            self.placed.push(p);
+        }
+        let t = Instant::now();
+        self.worker
+            .process(&mut self.h.queue, &self.h.mem, &self.shared)
+            .unwrap();
+        self.worker
+            .drain(&mut self.h.queue, &self.h.mem, &self.shared)
+            .unwrap();
+        let d = t.elapsed();
+        let used = self.h.used();
+        assert_eq!(used.len(), BATCH);
+        d
+    }
+}
+
+const VARIANTS: [(Variant, &str); 4] = [
+    (Variant::Limit, "pread_pwrite_limit"),
+    (Variant::RawSync, "device_raw_sync"),
+    (Variant::RawUring, "device_raw_io_uring"),
+    (Variant::Qcow2Sync, "device_qcow2_sync"),
+];
+
+fn bench(c: &mut Criterion) {
+    for (write, name) in [(false, "4k_random_read"), (true, "4k_random_write")] {
+        let mut g = c.benchmark_group(name);
+        g.throughput(criterion::Throughput::Elements(BATCH as u64));
+        for (v, label) in VARIANTS {
+            let mut rig = Rig::new(v);
+            g.bench_function(label, |b| {
+                b.iter_custom(|iters| (0..iters).map(|_| rig.batch(v, write)).sum())
+            });
+        }
+        g.finish();
+    }
+}
+
+/// Requests per second of a fixed run, best of three.
+fn rate(v: Variant, write: bool) -> f64 {
+    let mut rig = Rig::new(v);
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let batches = 300;
+        let t: Duration = (0..batches).map(|_| rig.batch(v, write)).sum();
+        best = best.min(t.as_secs_f64() / (batches * BATCH) as f64);
+    }
+    1.0 / best
+}
+
+fn ratios() {
+    for (write, name) in [(false, "read"), (true, "write")] {
+        let r: Vec<f64> = VARIANTS.iter().map(|(v, _)| rate(*v, write)).collect();
+        println!(
+            "4k random {name}: limit {:.0} req/s | raw sync {:.0} ({:.2}x limit) | raw io_uring {:.0} ({:.2}x limit) | qcow2 sync {:.0} ({:.2}x raw sync)",
+            r[0],
+            r[1],
+            r[1] / r[0],
+            r[2],
+            r[2] / r[0],
+            r[3],
+            r[3] / r[1]
+        );
+    }
+}
+
+criterion_group!(benches, bench);
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    ratios();
+}

@@ -8,6 +8,7 @@ pub mod defs;
 pub mod exec;
 pub mod image;
 pub mod metrics;
+pub mod persist;
 pub mod rate_limiter;
 pub mod request;
 #[cfg(any(test, feature = "test-utils"))]

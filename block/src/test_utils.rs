@@ -67,12 +67,19 @@ pub struct BlockHarness {
     avail_idx: u16,
     used_seen: u16,
     buf_next: u64,
+    mem_size: u64,
 }
 
 impl BlockHarness {
     /// Memory and a ready queue of `size` entries (a power of two ≤ 1024).
     pub fn new(size: u16) -> Self {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
+        Self::with_mem_size(size, MEM_SIZE)
+    }
+
+    /// Like [`BlockHarness::new`] with `mem_size` bytes of guest memory (at least 128 KiB).
+    pub fn with_mem_size(size: u16, mem_size: u64) -> Self {
+        let mem_size = mem_size.max(2 * BUF_START);
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
             .expect("harness memory");
         let mut queue = Queue::new(size).expect("queue");
         queue.set_size(size);
@@ -88,6 +95,7 @@ impl BlockHarness {
             avail_idx: 0,
             used_seen: 0,
             buf_next: BUF_START,
+            mem_size,
         }
     }
 
@@ -95,7 +103,7 @@ impl BlockHarness {
     pub fn alloc(&mut self, len: u32) -> GuestAddress {
         let addr = self.buf_next;
         self.buf_next = (addr + u64::from(len) + 15) & !15;
-        if self.buf_next >= MEM_SIZE {
+        if self.buf_next >= self.mem_size {
             self.buf_next = BUF_START;
             return self.alloc(len);
         }

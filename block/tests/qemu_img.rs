@@ -182,6 +182,12 @@ fn reads_backing_chain() {
     let mut img = image::open(&top, true).unwrap();
     assert!(read_all(&mut *img).unwrap() == expect);
 
+    // Opened standalone (untrusted image: follow no names), only top's own data shows.
+    let mut alone = Qcow2Image::open_standalone(&top, true).unwrap();
+    let all = read_all(&mut alone).unwrap();
+    assert!(all[560 * 1024..568 * 1024].iter().all(|&b| b == 0x22));
+    assert!(all[..512 * 1024].iter().all(|&b| b == 0));
+
     // vmkit writes into the overlay: QEMU agrees on the result and the base is untouched.
     let base_before = std::fs::read(&raw).unwrap();
     let mut img = Qcow2Image::open(&top, false).unwrap();

@@ -10,7 +10,10 @@ use std::path::Path;
 use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
 use imago::storage::StorageCreateOptions;
-use imago::{FormatAccess, FormatCreateBuilder, FormatDriverBuilder, PermissiveImplicitOpenGate};
+use imago::{
+    DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, FormatDriverBuilder,
+    PermissiveImplicitOpenGate,
+};
 
 use super::{DiskImage, ImageError, ImageFormat, check_range};
 
@@ -82,6 +85,28 @@ impl Qcow2Image {
         let qcow2 = Qcow2::<ImagoFile>::builder_path(path)
             .write(!read_only)
             .open(PermissiveImplicitOpenGate::default())
+            .map_err(ImageError::Format)?;
+        let access = FormatAccess::new(qcow2);
+        let size = access.size();
+        Ok(Self {
+            access,
+            size,
+            read_only,
+        })
+    }
+
+    /// Open a qcow2 image without opening anything it names (backing file, external data
+    /// file): for images from untrusted sources, whose header could name any host file.
+    /// Unallocated clusters read as zeroes; an image needing an external data file fails.
+    pub fn open_standalone(path: &Path, read_only: bool) -> Result<Self, ImageError> {
+        use imago::Storage;
+        use imago::storage::StorageOpenOptions;
+        let file = ImagoFile::open(StorageOpenOptions::new().filename(path).write(!read_only))
+            .map_err(ImageError::Io)?;
+        let qcow2 = Qcow2::<ImagoFile>::builder(file)
+            .backing(None)
+            .write(!read_only)
+            .open(DenyImplicitOpenGate::default())
             .map_err(ImageError::Format)?;
         let access = FormatAccess::new(qcow2);
         let size = access.size();

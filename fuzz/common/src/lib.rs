@@ -17,3 +17,5 @@ pub fn corpus(target: &str) -> Vec<Vec<u8>> {
     }
     out
 }
+
+pub mod block;
