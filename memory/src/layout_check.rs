@@ -123,7 +123,11 @@ pub fn check_region_kind(
 pub fn render(layout: &GuestLayout) -> String {
     use std::fmt::Write;
     let mut s = String::new();
-    let _ = writeln!(s, "guest physical layout ({} bits):", layout.max_phys_bits());
+    let _ = writeln!(
+        s,
+        "guest physical layout ({} bits):",
+        layout.max_phys_bits()
+    );
     for r in layout.regions() {
         let kind = match r.kind {
             RegionKind::Ram => "ram",

@@ -110,22 +110,55 @@ struct Spte {
     hpa_page: u64,
     gpa_page: u64,
     perms: Perms,
-    /// Access kinds the hardware lets through without a hypervisor fault ([`kind_bit`]): allowed
-    /// by the GPA→HPA rights, and for writes also guest-writable, dirty and not a table page.
-    allow: u8,
+    /// Accesses ([`access_index`] bits) that complete without any fault: allowed by the guest's
+    /// rights under the current mode, by the GPA→HPA rights, and for writes also dirty and not
+    /// a write-protected table page. Precomputed at fill; a mode change drops every entry.
+    allow: u16,
     /// GPA→HPA rights allow writes and the guest dirty bit needs no update (used when an
     /// unsync page becomes writable again).
     host_writable: bool,
 }
 
-/// The [`Spte::allow`] bit of an access kind.
+/// The [`Spte::allow`] bit index of an access: kind × user mode × SMAP exemption (explicit
+/// access with EFLAGS.AC), the only inputs of the permission check besides the mode.
 #[inline]
-fn kind_bit(kind: AccessKind) -> u8 {
-    match kind {
-        AccessKind::Read => 1,
-        AccessKind::Write => 2,
-        AccessKind::Fetch => 4,
+fn access_index(a: Access) -> u32 {
+    let kind = match a.kind {
+        AccessKind::Read => 0,
+        AccessKind::Write => 4,
+        AccessKind::Fetch => 8,
+    };
+    kind | (u32::from(a.is_user_mode()) << 1) | u32::from(!a.implicit && a.ac)
+}
+
+/// A representative access for each [`access_index`] value.
+fn access_of(index: u32) -> Access {
+    let kind = match index >> 2 {
+        0 => AccessKind::Read,
+        1 => AccessKind::Write,
+        _ => AccessKind::Fetch,
+    };
+    Access {
+        kind,
+        user: index & 2 != 0,
+        implicit: false,
+        ac: index & 1 != 0,
     }
+}
+
+/// Mask of the [`access_index`] bits of one kind.
+fn kind_mask(kind: AccessKind) -> u16 {
+    match kind {
+        AccessKind::Read => 0x000f,
+        AccessKind::Write => 0x00f0,
+        AccessKind::Fetch => 0x0f00,
+    }
+}
+
+fn guest_allow(perms: &Perms, mode: &PagingMode) -> u16 {
+    (0..12)
+        .filter(|&i| perms.check(access_of(i), mode).is_ok())
+        .fold(0, |m, i| m | 1 << i)
 }
 
 /// A tracked guest page-table page.
@@ -228,8 +261,7 @@ impl ShadowMmu {
         access: Access,
     ) -> Result<u64, ShadowError> {
         if let Some(s) = self.cur.get(&(gva >> 12))
-            && s.allow & kind_bit(access.kind) != 0
-            && s.perms.check(access, &self.setup.mode).is_ok()
+            && (s.allow >> access_index(access)) & 1 != 0
         {
             self.counters.hits += 1;
             return Ok(s.hpa_page | (gva & 0xfff));
@@ -282,16 +314,17 @@ impl ShadowMmu {
             eptf::EXECUTE
         };
         let host_writable = rights & eptf::WRITE != 0 && dirty_ok;
-        let mut allow = 0;
+        let mut host = 0;
         if rights & eptf::READ != 0 {
-            allow |= kind_bit(AccessKind::Read);
+            host |= kind_mask(AccessKind::Read);
         }
         if rights & exec != 0 {
-            allow |= kind_bit(AccessKind::Fetch);
+            host |= kind_mask(AccessKind::Fetch);
         }
-        if host_writable && t.guest.perms.writable && !is_pt_page {
-            allow |= kind_bit(AccessKind::Write);
+        if host_writable && !is_pt_page {
+            host |= kind_mask(AccessKind::Write);
         }
+        let allow = host & guest_allow(&t.guest.perms, &self.setup.mode);
         let spte = Spte {
             hpa_page: t.hpa & !0xfff,
             gpa_page,
@@ -340,13 +373,15 @@ impl ShadowMmu {
             SyncPolicy::WriteProtect => self.zap_page(page),
             SyncPolicy::Unsync => {
                 if self.is_leaf_table(page) {
+                    let mode = &self.setup.mode;
                     self.unsync.insert(page);
                     self.counters.unsyncs += 1;
                     // Entries mapping the page itself may now be written without a fault.
                     for m in [&mut self.cur].into_iter().chain(self.roots.values_mut()) {
                         for s in m.values_mut().filter(|s| s.gpa_page == page) {
-                            if s.host_writable && s.perms.writable {
-                                s.allow |= kind_bit(AccessKind::Write);
+                            if s.host_writable {
+                                s.allow |=
+                                    kind_mask(AccessKind::Write) & guest_allow(&s.perms, mode);
                             }
                         }
                     }
