@@ -226,8 +226,9 @@ impl Exit {
     }
 
     /// For an emulation failure that carries them (KVM_INTERNAL_ERROR_EMULATION with
-    /// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES), the bytes of the instruction KVM
-    /// could not emulate: `data[0]` = flags, then the instruction length byte and up to 15 bytes.
+    /// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES), the bytes KVM fetched at the
+    /// failing RIP — the instruction it could not emulate comes first: `data[0]` = flags, then a
+    /// length byte and up to 15 bytes.
     ///
     /// ```
     /// use vmkit_vcpu::Exit;

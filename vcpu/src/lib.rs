@@ -66,4 +66,6 @@ pub use vmcs::Vmcs;
 #[cfg(test)]
 mod kvm_tests;
 #[cfg(test)]
+mod kvm_tests_control;
+#[cfg(test)]
 mod kvm_tests_vmcs;
