@@ -19,3 +19,6 @@ pub fn corpus(target: &str) -> Vec<Vec<u8>> {
 }
 
 pub mod block;
+
+pub mod ioapic;
+pub mod pci;
