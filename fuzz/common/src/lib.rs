@@ -22,3 +22,4 @@ pub mod block;
 
 pub mod ioapic;
 pub mod pci;
+pub mod paging;
