@@ -43,6 +43,9 @@ pub enum Error {
     /// The last exit was not the kind this call completes (e.g. an MSR answer after an I/O exit).
     #[error("last exit was not {0}")]
     NotInExit(&'static str),
+    /// A CPUID template could not be built.
+    #[error("CPUID template")]
+    Cpuid(#[source] crate::cpuid::CpuidError),
     /// A saved vCPU state with a version this crate cannot read.
     #[error("vCPU state version {0} unsupported")]
     StateVersion(u32),

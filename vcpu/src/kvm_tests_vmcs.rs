@@ -394,3 +394,109 @@ fn kvm_exits_carry_vmx_exit_information() {
     assert_eq!(reasons[1].2, 0xd000_0000);
     assert_eq!(reasons[2].0, ExitReason::Hlt);
 }
+
+#[test]
+fn kvm_guest_sees_the_cpuid_template() {
+    const LEAVES: [(u32, u32); 6] = [(0, 0), (1, 0), (7, 0), (0xb, 0), (0xb, 1), (0x4000_0000, 0)];
+    let mut g = TinyGuest::new(|a| {
+        for (i, &(leaf, sub)) in LEAVES.iter().enumerate() {
+            let base = 0x100 + 4 * i as u32;
+            a.mov(eax, leaf)?;
+            a.mov(ecx, sub)?;
+            a.cpuid()?;
+            a.mov(esi, edx)?;
+            a.mov(dx, base as u16 as u32)?;
+            a.out(dx, eax)?;
+            a.mov(eax, ebx)?;
+            a.mov(dx, base + 1)?;
+            a.out(dx, eax)?;
+            a.mov(eax, ecx)?;
+            a.mov(dx, base + 2)?;
+            a.out(dx, eax)?;
+            a.mov(eax, esi)?;
+            a.mov(dx, base + 3)?;
+            a.out(dx, eax)?;
+        }
+        a.hlt()
+    })
+    .unwrap();
+    let t = crate::cpuid::CpuidTemplate::from_json(
+        r#"{"name":"test","hide":["x2apic","bmi2"],"hypervisor_signature":"VmkitVmkitVm"}"#,
+    )
+    .unwrap();
+    let table = t.apply(&g.vm, &g.vcpu, 4).unwrap();
+    let io = Ports::default();
+    assert_eq!(run(&mut g, &io), RunOutcome::Exit(Exit::Hlt));
+    let seen = io.log.borrow();
+    assert_eq!(seen.len(), LEAVES.len() * 4);
+    for (i, &(leaf, sub)) in LEAVES.iter().enumerate() {
+        let e = table
+            .as_slice()
+            .iter()
+            .find(|e| {
+                e.function == leaf
+                    && (e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0
+                        || e.index == sub)
+            })
+            .unwrap();
+        let want = [e.eax, e.ebx, e.ecx, e.edx];
+        let got: Vec<u32> = seen[i * 4..i * 4 + 4].iter().map(|p| p.1).collect();
+        match leaf {
+            // Feature registers: see kvm_cpuid_feature_registers_on_this_kvm.
+            1 => assert_eq!(got[..2], want[..2], "leaf 1 EAX/EBX"),
+            7 => {}
+            _ => assert_eq!(got, want, "leaf {leaf:#x}.{sub}"),
+        }
+    }
+    assert_eq!(seen[5].1 >> 24, 0, "APIC ID of vCPU 0");
+    assert_eq!(seen[5 + 1].1 & (1 << 21), 0, "x2apic hidden");
+    assert_eq!(seen[4 * 4 + 1].1, 4, "4 cores at the core level");
+    assert_eq!(seen[5 * 4 + 1].1.to_le_bytes(), *b"Vmki");
+}
+
+#[test]
+fn kvm_cpuid_feature_registers_on_this_kvm() {
+    // Leaf 1 ECX and leaf 7 EBX as the guest sees them vs the table set with KVM_SET_CPUID2
+    // (bmi2 hidden).
+    let mut g = TinyGuest::new(|a| {
+        for (leaf, port) in [(1u32, 0x80u32), (7, 0x81)] {
+            a.mov(eax, leaf)?;
+            a.xor(ecx, ecx)?;
+            a.cpuid()?;
+            a.mov(eax, if leaf == 1 { ecx } else { ebx })?;
+            a.out(port, eax)?;
+        }
+        a.hlt()
+    })
+    .unwrap();
+    let mut t = crate::cpuid::CpuidTemplate::named("host").unwrap();
+    t.hide = vec!["bmi2".into()];
+    let table = t.apply(&g.vm, &g.vcpu, 1).unwrap();
+    let io = Ports::default();
+    assert_eq!(run(&mut g, &io), RunOutcome::Exit(Exit::Hlt));
+    let entry = |f| {
+        table
+            .as_slice()
+            .iter()
+            .find(|e| e.function == f)
+            .copied()
+            .unwrap()
+    };
+    let leaf1_ecx = entry(1).ecx & !(1 << 27); // OSXSAVE is computed at run time
+    let leaf7_ebx = entry(7).ebx;
+    let seen = io.log.borrow();
+    let (g1, g7) = (seen[0].1 & !(1 << 27), seen[1].1);
+    if (g1, g7) == (leaf1_ecx, leaf7_ebx) {
+        return; // a KVM that applies the table (VMX/SVM hosts)
+    }
+    // This software KVM (PVM): CPUID traps (leaves 0, 1 EAX/EBX, 0xB, 0x4000_0000 follow the
+    // table, see kvm_guest_sees_the_cpuid_template) but feature registers show the host's
+    // bits, including ones KVM_GET_SUPPORTED_CPUID does not list and ones the table hides.
+    eprintln!(
+        "PVM: leaf 1 ECX guest {g1:#010x} table {leaf1_ecx:#010x}; \
+         leaf 7 EBX guest {g7:#010x} table {leaf7_ebx:#010x}"
+    );
+    assert_ne!(g7 & (1 << 8), 0, "bmi2 visible although hidden");
+    assert_eq!(leaf7_ebx & (1 << 8), 0);
+    assert_ne!(g1 & !leaf1_ecx, 0, "guest sees leaf-1 bits the table lacks");
+}

@@ -39,6 +39,7 @@
 #![deny(missing_docs)]
 
 pub mod control;
+pub mod cpuid;
 mod error;
 pub mod events;
 pub mod exit;
