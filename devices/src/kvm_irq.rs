@@ -90,6 +90,17 @@ pub fn enable_split_irqchip(vm: &KvmVm) -> Result<(), KvmIrqError> {
         .map_err(kvm("KVM_ENABLE_CAP(SPLIT_IRQCHIP)"))
 }
 
+/// A second, independently owned handle to `vm`'s VM fd (`dup`), for code that must issue VM
+/// ioctls (irqfd, ioeventfd, routing) without borrowing the [`KvmVm`].
+pub fn dup_vm_fd(vm: &KvmVm) -> Result<VmFd, KvmIrqError> {
+    // SAFETY: the raw fd belongs to `vm`'s open `VmFd`, which outlives this borrow.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(vm.fd().as_raw_fd()) };
+    let owned = borrowed.try_clone_to_owned().map_err(KvmIrqError::Io)?;
+    // SAFETY: `owned` is a fresh duplicate of a live KVM VM fd; its ownership passes to the new
+    // `VmFd`, which closes it on drop, and nothing else uses the raw number.
+    unsafe { vm.kvm().create_vmfd_from_rawfd(owned.into_raw_fd()) }.map_err(kvm("dup VM fd"))
+}
+
 /// The VM's GSI routing table, `KVM_SIGNAL_MSI` and irqfd registration (see the module docs).
 pub struct KvmIrqRouter {
     vm: VmFd,
@@ -101,18 +112,16 @@ impl KvmIrqRouter {
     /// A router for `vm`, holding its own duplicate of the VM fd (so it can live in devices
     /// while the VMM keeps the [`KvmVm`]).
     pub fn new(vm: &KvmVm) -> Result<Arc<Self>, KvmIrqError> {
-        // SAFETY: the raw fd belongs to `vm`'s open `VmFd`, which outlives this borrow.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(vm.fd().as_raw_fd()) };
-        let owned = borrowed.try_clone_to_owned().map_err(KvmIrqError::Io)?;
-        // SAFETY: `owned` is a fresh duplicate of a live KVM VM fd; its ownership passes to the
-        // new `VmFd`, which closes it on drop and nothing else uses the raw number.
-        let fd = unsafe { vm.kvm().create_vmfd_from_rawfd(owned.into_raw_fd()) }
-            .map_err(kvm("dup VM fd"))?;
         Ok(Arc::new(Self {
-            vm: fd,
+            vm: dup_vm_fd(vm)?,
             routes: Mutex::default(),
             next_gsi: AtomicU32::new(FIRST_MSI_GSI),
         }))
+    }
+
+    /// The router's VM fd (e.g. to register ioeventfds from a device thread).
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
     }
 
     /// A GSI for an irqfd (from [`FIRST_MSI_GSI`] on).
