@@ -260,3 +260,119 @@ fn kvm_capped_vcpu_uses_roughly_its_budget() {
         "cap never throttled"
     );
 }
+
+/// Collects port 0x80 writes; stops at `stop_after` of them or at a write to 0xf4.
+struct Recorder {
+    out: std::cell::RefCell<Vec<u32>>,
+    stop: StopHandle,
+    stop_after: usize,
+}
+
+impl crate::IoHandler for Recorder {
+    fn pio_read(&self, _: u16, data: &mut [u8]) {
+        data.fill(0xff)
+    }
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        if port == 0xf4 {
+            self.stop.request(1);
+        } else if port == 0x80 {
+            let mut v = [0u8; 4];
+            v[..data.len().min(4)].copy_from_slice(&data[..data.len().min(4)]);
+            let mut out = self.out.borrow_mut();
+            out.push(u32::from_le_bytes(v));
+            if out.len() == self.stop_after {
+                self.stop.request(2);
+            }
+        }
+    }
+    fn mmio_read(&self, _: u64, data: &mut [u8]) {
+        data.fill(0xff)
+    }
+    fn mmio_write(&self, _: u64, _: &[u8]) {}
+}
+
+fn sequence_guest() -> TinyGuest {
+    // x ← 3x + 1 (mod 2^32), ten times, kept in an SSE register (XSAVE state), each step
+    // written to port 0x80; then port 0xf4 ends the run (with an irqchip, `hlt` stays in KVM).
+    TinyGuest::with_irqchip(|a| {
+        let mut top = a.create_label();
+        a.mov(rax, cr4)?;
+        a.or(rax, 0x200)?; // CR4.OSFXSR: SSE on
+        a.mov(cr4, rax)?;
+        a.mov(eax, 1u32)?;
+        a.mov(ecx, 10u32)?;
+        a.mov(rbx, DATA_ADDR)?;
+        a.mov(dword_ptr(rbx), eax)?;
+        a.movdqu(xmm1, xmmword_ptr(rbx))?;
+        a.set_label(&mut top)?;
+        // The value lives in XMM1 across loop iterations (the KVM emulator handles MOVDQU).
+        a.movdqu(xmmword_ptr(rbx), xmm1)?;
+        a.mov(eax, dword_ptr(rbx))?;
+        a.imul_3(eax, eax, 3)?;
+        a.inc(eax)?;
+        a.mov(dword_ptr(rbx), eax)?;
+        a.movdqu(xmm1, xmmword_ptr(rbx))?;
+        a.mov(dword_ptr(rbx), 0u32)?;
+        a.out(0x80, eax)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.out(0xf4, al)?;
+        a.hlt()
+    })
+    .unwrap()
+}
+
+#[test]
+fn kvm_saved_vcpu_continues_in_a_new_vm() {
+    use crate::snapshot::VcpuState;
+    // Reference: one uninterrupted run.
+    let mut a = sequence_guest();
+    let rec = Recorder {
+        out: Default::default(),
+        stop: StopHandle::new(),
+        stop_after: usize::MAX,
+    };
+    let mut stats = ExitStats::default();
+    let out = run_until_exit(&mut a.vcpu, &rec, &rec.stop, &mut stats).unwrap();
+    assert_eq!(out, RunOutcome::Stopped(1));
+    let reference = rec.out.into_inner();
+    assert_eq!(reference.len(), 10);
+
+    // Run 4 steps, save, and continue in a fresh VM with a copy of the memory.
+    let mut b = sequence_guest();
+    let rec = Recorder {
+        out: Default::default(),
+        stop: StopHandle::new(),
+        stop_after: 4,
+    };
+    let out = run_until_exit(&mut b.vcpu, &rec, &rec.stop, &mut stats).unwrap();
+    assert_eq!(out, RunOutcome::Stopped(2));
+    let state = VcpuState::save(&mut b.vcpu, &[0xc000_0103], true).unwrap();
+    let json = serde_json::to_string(&state).unwrap();
+    let state: VcpuState = serde_json::from_str(&json).unwrap();
+    assert!(state.lapic.is_some());
+
+    let mut c = sequence_guest();
+    let mut buf = vec![0u8; crate::test_utils::DEFAULT_RAM as usize];
+    b.mem.read_slice(&mut buf, GuestAddress(0)).unwrap();
+    c.mem.write_slice(&buf, GuestAddress(0)).unwrap();
+    state.restore(&mut c.vcpu).unwrap();
+    let rec2 = Recorder {
+        out: Default::default(),
+        stop: StopHandle::new(),
+        stop_after: usize::MAX,
+    };
+    let out = run_until_exit(&mut c.vcpu, &rec2, &rec2.stop, &mut stats).unwrap();
+    assert_eq!(out, RunOutcome::Stopped(1));
+    let mut combined = rec.out.into_inner();
+    combined.extend(rec2.out.into_inner());
+    assert_eq!(combined, reference);
+
+    // A state from a future format is refused before anything is written.
+    let mut future = state.clone();
+    future.version = 99;
+    assert!(matches!(
+        future.restore(&mut c.vcpu),
+        Err(Error::StateVersion(99))
+    ));
+}

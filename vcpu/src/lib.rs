@@ -47,6 +47,7 @@ pub mod kvm;
 pub mod kvm_ext;
 pub mod kvm_map;
 pub mod run_loop;
+pub mod snapshot;
 pub mod state;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
