@@ -253,15 +253,29 @@ where
     M: Deref + Clone,
     M::Target: GuestMemory,
 {
+    parse_with(chain, cfg, &mut Vec::with_capacity(4))
+}
+
+/// [`parse`] collecting the descriptors into `scratch` (cleared first), so a caller parsing
+/// many chains allocates once.
+pub fn parse_with<M>(
+    chain: DescriptorChain<M>,
+    cfg: &ParseConfig,
+    scratch: &mut Vec<Descriptor>,
+) -> Result<Request, Rejected>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
     let head_index = chain.head_index();
-    let mut descs: Vec<Descriptor> = Vec::with_capacity(4);
+    scratch.clear();
     for d in chain.clone() {
-        if descs.len() >= MAX_CHAIN {
+        if scratch.len() >= MAX_CHAIN {
             break;
         }
-        descs.push(d);
+        scratch.push(d);
     }
-    parse_descriptors(chain.memory(), head_index, &descs, cfg)
+    parse_descriptors(chain.memory(), head_index, scratch, cfg)
 }
 
 /// Parse a chain given as the descriptors its iterator yielded (the core of [`parse`]).

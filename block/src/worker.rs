@@ -16,8 +16,9 @@ use crate::exec::{Outcome, SyncExecutor, finish};
 use crate::image::DiskImage;
 use crate::metrics::{BlockMetrics, add, inc};
 use crate::rate_limiter::RateLimiter;
-use crate::request::{ParseConfig, parse};
+use crate::request::{ParseConfig, parse_with};
 use crate::uring::{Done, OpKind, UringEngine, UringError};
+use virtio_queue::desc::split::Descriptor;
 
 /// Which execution engine a device uses; chosen at construction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +80,8 @@ pub enum WorkerError {
 pub struct QueueWorker {
     exec: SyncExecutor,
     uring: Option<UringEngine>,
+    scratch: Vec<Descriptor>,
+    done: Vec<Done>,
 }
 
 impl QueueWorker {
@@ -97,6 +100,8 @@ impl QueueWorker {
         Ok(Self {
             exec: SyncExecutor::new(id),
             uring,
+            scratch: Vec::with_capacity(8),
+            done: Vec::new(),
         })
     }
 
@@ -129,7 +134,7 @@ impl QueueWorker {
                     inc(&metrics.invalid_chains);
                     continue;
                 }
-                let req = match parse(chain, &shared.parse_cfg) {
+                let req = match parse_with(chain, &shared.parse_cfg, &mut self.scratch) {
                     Ok(req) => req,
                     Err(rej) => {
                         metrics.count_rejection(&rej.error);
@@ -156,7 +161,7 @@ impl QueueWorker {
                 if let Some(uring) = self.uring.as_mut().filter(|_| UringEngine::handles(&req)) {
                     if !uring.has_room() {
                         uring.wait(1).map_err(WorkerError::Uring)?;
-                        pass.completed += reap(uring, queue, mem, metrics)?;
+                        pass.completed += reap(uring, &mut self.done, queue, mem, metrics)?;
                     }
                     if uring.push(&req, mem).is_err() {
                         inc(&metrics.memory_errors);
@@ -186,7 +191,7 @@ impl QueueWorker {
         }
         if let Some(uring) = self.uring.as_mut() {
             uring.submit().map_err(WorkerError::Uring)?;
-            pass.completed += reap(uring, queue, mem, metrics)?;
+            pass.completed += reap(uring, &mut self.done, queue, mem, metrics)?;
         }
         if pass.completed > 0 {
             pass.needs_signal = queue.needs_notification(mem).map_err(qerr)?;
@@ -204,7 +209,7 @@ impl QueueWorker {
     ) -> Result<Pass, WorkerError> {
         let mut pass = Pass::default();
         if let Some(uring) = self.uring.as_mut() {
-            pass.completed = reap(uring, queue, mem, &shared.metrics)?;
+            pass.completed = reap(uring, &mut self.done, queue, mem, &shared.metrics)?;
         }
         if pass.completed > 0 {
             pass.needs_signal = queue.needs_notification(mem).map_err(WorkerError::Queue)?;
@@ -222,7 +227,7 @@ impl QueueWorker {
         let mut pass = Pass::default();
         while let Some(uring) = self.uring.as_mut().filter(|u| u.in_flight() > 0) {
             uring.wait(1).map_err(WorkerError::Uring)?;
-            pass.completed += reap(uring, queue, mem, &shared.metrics)?;
+            pass.completed += reap(uring, &mut self.done, queue, mem, &shared.metrics)?;
         }
         if pass.completed > 0 {
             pass.needs_signal = queue.needs_notification(mem).map_err(WorkerError::Queue)?;
@@ -234,14 +239,15 @@ impl QueueWorker {
 /// Reap ready io_uring completions onto the used ring.
 fn reap<M: GuestMemory>(
     uring: &mut UringEngine,
+    done: &mut Vec<Done>,
     queue: &mut Queue,
     mem: &M,
     metrics: &BlockMetrics,
 ) -> Result<u32, WorkerError> {
-    let mut done: Vec<Done> = Vec::new();
+    done.clear();
     uring.reap(|d| done.push(d));
     let mut n = 0;
-    for d in done {
+    for d in done.drain(..) {
         let (status, used) = if d.ok {
             match d.kind {
                 OpKind::Read => {
