@@ -66,6 +66,8 @@ pub use traits::{
 pub use vmcs::Vmcs;
 
 #[cfg(test)]
+mod kvm_map_tests;
+#[cfg(test)]
 mod kvm_tests;
 #[cfg(test)]
 mod kvm_tests_control;

@@ -1,0 +1,165 @@
+//! Exit dispatch cost through vmkit's run loops (statistics on) vs a bare kvm-ioctls loop, and
+//! the cost of applying a `Vmcs` to KVM. Prints the ratios at the end of the run.
+//!
+//! The guest is `loop { out 0x80, al }`: every iteration is one PIO exit, so the time per exit
+//! is the KVM_RUN round trip plus the VMM's dispatch. Guest execution time (3 instructions per
+//! exit on an emulating KVM) is part of both sides.
+
+use std::cell::Cell;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use iced_x86::code_asm::*;
+use vmkit_vcpu::control::{RunControl, run_controlled};
+use vmkit_vcpu::kvm_ext::{read_guest_state, write_guest_state};
+use vmkit_vcpu::test_utils::TinyGuest;
+use vmkit_vcpu::{ExitStats, IoHandler, KvmVcpu, StopHandle, Vmcs, run_until_exit};
+
+struct Counter {
+    left: Cell<u64>,
+    stop: StopHandle,
+}
+
+impl IoHandler for Counter {
+    fn pio_read(&self, _: u16, d: &mut [u8]) {
+        d.fill(0xff)
+    }
+    fn pio_write(&self, _: u16, _: &[u8]) {
+        let n = self.left.get() - 1;
+        self.left.set(n);
+        if n == 0 {
+            self.stop.request(0);
+        }
+    }
+    fn mmio_read(&self, _: u64, d: &mut [u8]) {
+        d.fill(0xff)
+    }
+    fn mmio_write(&self, _: u64, _: &[u8]) {}
+}
+
+fn out_loop() -> TinyGuest {
+    TinyGuest::new(|a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.out(0x80, al)?;
+        a.jmp(top)
+    })
+    .expect("KVM guest")
+}
+
+fn bare(vcpu: &mut KvmVcpu, n: u64) -> Duration {
+    let t = Instant::now();
+    for _ in 0..n {
+        match vcpu.fd_mut().run() {
+            Ok(kvm_ioctls::VcpuExit::IoOut(port, data)) => {
+                black_box((port, data));
+            }
+            other => panic!("unexpected exit {other:?}"),
+        }
+    }
+    t.elapsed()
+}
+
+fn vmkit(vcpu: &mut KvmVcpu, stats: &mut ExitStats, n: u64) -> Duration {
+    let io = Counter {
+        left: Cell::new(n),
+        stop: StopHandle::new(),
+    };
+    let t = Instant::now();
+    run_until_exit(vcpu, &io, &io.stop, stats).expect("run");
+    t.elapsed()
+}
+
+fn controlled(vcpu: &mut KvmVcpu, ctl: &mut RunControl, stats: &mut ExitStats, n: u64) -> Duration {
+    let io = Counter {
+        left: Cell::new(n),
+        stop: StopHandle::new(),
+    };
+    let t = Instant::now();
+    run_controlled(vcpu, &io, &io.stop, stats, ctl).expect("run");
+    t.elapsed()
+}
+
+fn per_exit(d: Duration, n: u64) -> f64 {
+    d.as_secs_f64() * 1e9 / n as f64
+}
+
+fn benches(c: &mut Criterion) {
+    let mut g = out_loop();
+    let mut stats = ExitStats::default();
+    let mut ctl = RunControl::new().expect("control");
+    let mut group = c.benchmark_group("exit_dispatch");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(4));
+    group.bench_function("bare_kvm_ioctls", |b| {
+        b.iter_custom(|n| bare(&mut g.vcpu, n))
+    });
+    group.bench_function("vmkit_run_until_exit", |b| {
+        b.iter_custom(|n| vmkit(&mut g.vcpu, &mut stats, n))
+    });
+    group.bench_function("vmkit_run_controlled", |b| {
+        b.iter_custom(|n| controlled(&mut g.vcpu, &mut ctl, &mut stats, n))
+    });
+    group.finish();
+
+    // Same-run ratio: interleaved rounds, best per-exit time of each.
+    const N: u64 = 20_000;
+    let (mut tb, mut tv, mut tc) = (f64::MAX, f64::MAX, f64::MAX);
+    for _ in 0..5 {
+        tb = tb.min(per_exit(bare(&mut g.vcpu, N), N));
+        tv = tv.min(per_exit(vmkit(&mut g.vcpu, &mut stats, N), N));
+        tc = tc.min(per_exit(
+            controlled(&mut g.vcpu, &mut ctl, &mut stats, N),
+            N,
+        ));
+    }
+    eprintln!(
+        "exit dispatch per PIO exit: bare {tb:.0} ns, run_until_exit {tv:.0} ns (ratio {:.3}), \
+         run_controlled {tc:.0} ns (ratio {:.3}); limit 1.05",
+        tv / tb,
+        tc / tb
+    );
+
+    // Vmcs -> KVM.
+    let vmcs = Vmcs::from_long_mode(&g.state);
+    let k = vmcs.to_kvm().expect("valid");
+    let mut group = c.benchmark_group("vmcs_apply");
+    group.bench_function("check_and_map", |b| b.iter(|| black_box(&vmcs).to_kvm()));
+    group.bench_function("raw_ioctls_write_guest_state", |b| {
+        b.iter(|| write_guest_state(&mut g.vcpu, black_box(&k)))
+    });
+    group.bench_function("vmcs_apply", |b| {
+        b.iter(|| black_box(&vmcs).apply(&mut g.vcpu))
+    });
+    group.bench_function("vmcs_read_from", |b| b.iter(|| Vmcs::read_from(&g.vcpu)));
+    group.finish();
+    const M: u32 = 2000;
+    let time = |f: &mut dyn FnMut()| {
+        let t = Instant::now();
+        for _ in 0..M {
+            f();
+        }
+        t.elapsed().as_secs_f64() * 1e9 / M as f64
+    };
+    let (mut map, mut raw, mut apply) = (f64::MAX, f64::MAX, f64::MAX);
+    for _ in 0..3 {
+        map = map.min(time(&mut || {
+            black_box(black_box(&vmcs).to_kvm().expect("valid"));
+        }));
+        raw = raw.min(time(&mut || {
+            write_guest_state(&mut g.vcpu, &k).expect("set")
+        }));
+        apply = apply.min(time(&mut || vmcs.apply(&mut g.vcpu).expect("apply")));
+    }
+    let _ = read_guest_state(&g.vcpu);
+    eprintln!(
+        "Vmcs apply: check+map {map:.0} ns, raw ioctls {raw:.0} ns, Vmcs::apply {apply:.0} ns \
+         (ratio {:.3})",
+        apply / raw
+    );
+}
+
+criterion_group!(exit, benches);
+criterion_main!(exit);
