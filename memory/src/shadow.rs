@@ -161,6 +161,19 @@ fn guest_allow(perms: &Perms, mode: &PagingMode) -> u16 {
         .fold(0, |m, i| m | 1 << i)
 }
 
+/// A shadow entry as seen from outside the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShadowEntry {
+    /// Host-physical page.
+    pub hpa_page: u64,
+    /// Guest-physical page.
+    pub gpa_page: u64,
+    /// The guest's effective rights.
+    pub perms: Perms,
+    /// Some writes complete without a hypervisor fault (the shadow entry's W bit).
+    pub writable: bool,
+}
+
 /// A tracked guest page-table page.
 #[derive(Debug, Default)]
 struct PtPage {
@@ -233,6 +246,16 @@ impl ShadowMmu {
     /// Guest page-table pages currently write-protected (tracked and not unsync).
     pub fn write_protected(&self) -> usize {
         self.pt_pages.len() - self.unsync.len()
+    }
+
+    /// The shadow entry for `gva` in the current root, if any.
+    pub fn entry(&self, gva: u64) -> Option<ShadowEntry> {
+        self.cur.get(&(gva >> 12)).map(|s| ShadowEntry {
+            hpa_page: s.hpa_page,
+            gpa_page: s.gpa_page,
+            perms: s.perms,
+            writable: (s.allow & kind_mask(AccessKind::Write)) != 0,
+        })
     }
 
     /// Change the guest paging mode (CR0/CR4/EFER/PKRU writes): drops every shadow entry.

@@ -75,7 +75,7 @@ fn sdm_access_rights_table() {
     let gpa = 0x40_0000 | (VA & 0xfff);
     let (r, w, x) = (Access::read(), Access::write(), Access::fetch());
     #[rustfmt::skip]
-    let rows: Vec<(&str, Vec<u64>, PagingMode, Access, Result<u64, u32>)> = vec![
+    let rows: Vec<Row<PagingMode, Access, u32>> = vec![
         ("supervisor read of RO page", [&rw[..], &[P]].concat(), d, r, Ok(gpa)),
         ("supervisor write to RO page, WP=0", [&rw[..], &[P]].concat(), wp0, w, Ok(gpa)),
         ("supervisor write to RO page, WP=1", [&rw[..], &[P]].concat(), d, w, Err(P_ | WR)),
@@ -122,6 +122,9 @@ fn sdm_access_rights_table() {
 }
 
 const P_: u32 = P as u32;
+
+/// One table row: name, entries (root first), configuration, access, expected result.
+type Row<C, A, E> = (&'static str, Vec<u64>, C, A, Result<u64, E>);
 
 #[test]
 fn la57_five_level_walks_and_canonical_checks() {
@@ -207,7 +210,7 @@ fn ept_rules_table() {
     let misc = |level: u8| Err(Some(EptFault::Misconfig { gpa, level }));
     use exit_qual as q;
     #[rustfmt::skip]
-    let rows: Vec<(&str, Vec<u64>, EptConfig, AccessKind, Result<u64, Option<EptFault>>)> = vec![
+    let rows: Vec<Row<EptConfig, AccessKind, Option<EptFault>>> = vec![
         ("read of RWX page", vec![rwx, rwx, rwx, rwx | wb], cfg, r, Ok(hpa)),
         ("write to read-only page", vec![rwx, rwx, rwx, eptf::READ | wb], cfg, w, viol(q::WRITE | q::READABLE)),
         ("fetch, X clear in the PDPTE", vec![rwx, eptf::READ | eptf::WRITE, rwx, rwx | wb], cfg, x, viol(q::FETCH | q::READABLE | q::WRITABLE)),
