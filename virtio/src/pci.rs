@@ -1,0 +1,522 @@
+//! virtio-pci, modern interface (virtio 1.2 §4.1), on vmkit-devices' [`PciFunction`].
+//!
+//! BAR 0 (64-bit memory, [`VIRTIO_PCI_BAR_SIZE`]) holds every structure, each announced by a
+//! vendor-specific capability:
+//!
+//! | offset | structure | capability |
+//! |---|---|---|
+//! | 0x0000 | common configuration | `VIRTIO_PCI_CAP_COMMON_CFG` |
+//! | 0x1000 | ISR status (read clears) | `VIRTIO_PCI_CAP_ISR_CFG` |
+//! | 0x2000 | device configuration | `VIRTIO_PCI_CAP_DEVICE_CFG` |
+//! | 0x3000 | notify doorbells, queue *n* at `n * 4` | `VIRTIO_PCI_CAP_NOTIFY_CFG` (multiplier 4) |
+//! | 0x4000 / 0x6000 | MSI-X table / PBA | MSI-X capability |
+//!
+//! Common-configuration accesses decode through the pure [`CommonCfgField::decode`] into calls on
+//! the shared [`TransportCore`]. Queue and configuration interrupts go to the MSI-X vectors the
+//! driver assigned (an irqfd when the [`Msix`] has one attached, `KVM_SIGNAL_MSI` otherwise);
+//! doorbells arrive as trapped BAR writes or through ioeventfds on
+//! [`VirtioPciTransport::notify_addresses`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU16, Ordering};
+
+use vm_memory::{GuestMemory, GuestMemoryMmap};
+use vmkit_devices::InterruptSource;
+use vmkit_devices::pci::{
+    BarKind, ConfigSpace, Msix, MsixConfig, MsixVector, PciBar, PciError, PciFunction, PciHeader,
+    cap_id,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::core::{Ring, TransportCore, TransportMetrics};
+use crate::device::{InterruptCause, VirtioDevice, VirtioInterrupt};
+use crate::spec::*;
+
+/// The BAR holding all virtio structures and the MSI-X table.
+pub const VIRTIO_PCI_BAR: u8 = 0;
+/// Its size.
+pub const VIRTIO_PCI_BAR_SIZE: u64 = 0x8000;
+/// Offset of the common configuration structure.
+pub const COMMON_CFG_OFFSET: u64 = 0x0000;
+/// Length of the common configuration structure (virtio 1.2 §4.1.4.3, up to `queue_reset`).
+pub const COMMON_CFG_LEN: u64 = 0x3c;
+/// Offset of the ISR status byte.
+pub const ISR_CFG_OFFSET: u64 = 0x1000;
+/// Offset of the device configuration.
+pub const DEVICE_CFG_OFFSET: u64 = 0x2000;
+/// Length of the device configuration window.
+pub const DEVICE_CFG_LEN: u64 = 0x1000;
+/// Offset of the notification doorbells.
+pub const NOTIFY_CFG_OFFSET: u64 = 0x3000;
+/// `notify_off_multiplier`: each queue has its own 4-byte doorbell.
+pub const NOTIFY_OFF_MULTIPLIER: u32 = 4;
+/// Offset of the MSI-X table.
+pub const MSIX_TABLE_OFFSET: u32 = 0x4000;
+/// Offset of the MSI-X PBA.
+pub const MSIX_PBA_OFFSET: u32 = 0x6000;
+
+/// A field of `struct virtio_pci_common_cfg` (virtio 1.2 §4.1.4.3), with the part accessed.
+#[allow(missing_docs)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommonCfgField {
+    DeviceFeatureSelect,
+    DeviceFeature,
+    DriverFeatureSelect,
+    DriverFeature,
+    ConfigMsixVector,
+    NumQueues,
+    DeviceStatus,
+    ConfigGeneration,
+    QueueSelect,
+    QueueSize,
+    QueueMsixVector,
+    QueueEnable,
+    QueueNotifyOff,
+    /// A ring address; `high` for the upper 32 bits, `whole` for a 64-bit access.
+    QueueAddress {
+        ring: Ring,
+        high: bool,
+        whole: bool,
+    },
+    QueueNotifyData,
+    QueueReset,
+}
+
+/// A common-configuration access the transport ignores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("bad common-config access of {len} bytes at {offset:#x}")]
+pub struct CommonCfgError {
+    /// Offset in the structure.
+    pub offset: u64,
+    /// Access size.
+    pub len: usize,
+}
+
+impl CommonCfgField {
+    /// Decode an access of `len` bytes at `offset`: it must cover exactly one field (64-bit
+    /// ring addresses may also be accessed as two 32-bit halves).
+    pub fn decode(offset: u64, len: usize) -> Result<Self, CommonCfgError> {
+        use CommonCfgField::*;
+        let err = CommonCfgError { offset, len };
+        let addr = |ring, base: u64| match (offset - base, len) {
+            (0, 8) => Ok(QueueAddress {
+                ring,
+                high: false,
+                whole: true,
+            }),
+            (0, 4) => Ok(QueueAddress {
+                ring,
+                high: false,
+                whole: false,
+            }),
+            (4, 4) => Ok(QueueAddress {
+                ring,
+                high: true,
+                whole: false,
+            }),
+            _ => Err(err),
+        };
+        let (field, width) = match offset {
+            0x00 => (DeviceFeatureSelect, 4),
+            0x04 => (DeviceFeature, 4),
+            0x08 => (DriverFeatureSelect, 4),
+            0x0c => (DriverFeature, 4),
+            0x10 => (ConfigMsixVector, 2),
+            0x12 => (NumQueues, 2),
+            0x14 => (DeviceStatus, 1),
+            0x15 => (ConfigGeneration, 1),
+            0x16 => (QueueSelect, 2),
+            0x18 => (QueueSize, 2),
+            0x1a => (QueueMsixVector, 2),
+            0x1c => (QueueEnable, 2),
+            0x1e => (QueueNotifyOff, 2),
+            0x20..=0x27 => return addr(Ring::Descriptors, 0x20),
+            0x28..=0x2f => return addr(Ring::Driver, 0x28),
+            0x30..=0x37 => return addr(Ring::Device, 0x30),
+            0x38 => (QueueNotifyData, 2),
+            0x3a => (QueueReset, 2),
+            _ => return Err(err),
+        };
+        if len != width {
+            return Err(err);
+        }
+        Ok(field)
+    }
+}
+
+/// MSI-X vector assignments (virtio 1.2 §4.1.5.1.2), shared with the interrupt handle.
+struct Vectors {
+    config: AtomicU16,
+    queues: Vec<AtomicU16>,
+}
+
+impl Vectors {
+    fn reset(&self) {
+        self.config.store(VIRTIO_MSI_NO_VECTOR, Ordering::Release);
+        for q in &self.queues {
+            q.store(VIRTIO_MSI_NO_VECTOR, Ordering::Release);
+        }
+    }
+}
+
+/// The virtio-pci interrupt: sets the ISR bit and signals the assigned MSI-X vector.
+struct PciInterrupt {
+    isr: Arc<AtomicU8>,
+    vectors: Arc<Vectors>,
+    msix: Vec<MsixVector>,
+}
+
+impl PciInterrupt {
+    fn vector(&self, cause: InterruptCause) -> u16 {
+        match cause {
+            InterruptCause::Config => self.vectors.config.load(Ordering::Acquire),
+            InterruptCause::Queue(q) => self
+                .vectors
+                .queues
+                .get(q as usize)
+                .map_or(VIRTIO_MSI_NO_VECTOR, |v| v.load(Ordering::Acquire)),
+        }
+    }
+}
+
+impl VirtioInterrupt for PciInterrupt {
+    fn signal(&self, cause: InterruptCause) -> std::io::Result<()> {
+        let bit = match cause {
+            InterruptCause::Queue(_) => VIRTIO_PCI_ISR_QUEUE,
+            InterruptCause::Config => VIRTIO_PCI_ISR_CONFIG,
+        };
+        self.isr.fetch_or(bit, Ordering::AcqRel);
+        match self.msix.get(self.vector(cause) as usize) {
+            Some(v) => v.trigger(),
+            // No vector (or INTx, which this transport does not wire): the ISR bit stays set.
+            None => Ok(()),
+        }
+    }
+    fn notifier(&self, cause: InterruptCause) -> Option<&EventFd> {
+        self.msix.get(self.vector(cause) as usize)?.notifier()
+    }
+}
+
+/// A virtio device as a PCI function (modern virtio-pci). Add it to a
+/// [`PciRoot`](vmkit_devices::pci::PciRoot) inside a `Mutex`.
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use vmkit_devices::{IoBuses, msi::RecordingMsiSink, pci::{PciFunction, PciRoot}};
+/// use vmkit_virtio::{pci::VirtioPciTransport, rng::Rng};
+///
+/// let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+/// let msix = VirtioPciTransport::<Rng>::msix_for(&Rng::default(), Arc::new(RecordingMsiSink::default())).unwrap();
+/// let mut f = VirtioPciTransport::new(Rng::default(), mem, msix).unwrap();
+/// let mut id = [0u8; 4];
+/// f.config_read(0, &mut id);
+/// assert_eq!(u32::from_le_bytes(id), 0x1044_1af4); // virtio-rng
+/// ```
+pub struct VirtioPciTransport<D, M = GuestMemoryMmap> {
+    core: TransportCore<D, M>,
+    cfg: ConfigSpace,
+    msix: Msix,
+    isr: Arc<AtomicU8>,
+    vectors: Arc<Vectors>,
+}
+
+impl<D, M> VirtioPciTransport<D, M>
+where
+    D: VirtioDevice<M>,
+    M: GuestMemory + Clone + Send + Sync + 'static,
+{
+    /// The MSI-X layout for `device` (one vector per queue plus one for configuration changes),
+    /// delivering through `sink`. Attach irqfds to it (e.g. `KvmIrqRouter::attach_msix`) before
+    /// passing it to [`Self::new`].
+    pub fn msix_for(
+        device: &D,
+        sink: Arc<dyn vmkit_devices::msi::MsiSink>,
+    ) -> Result<Msix, PciError> {
+        let vectors = (device.queue_max_sizes().len() + 1).min(256) as u16;
+        Msix::new(
+            MsixConfig {
+                vectors,
+                table_bar: VIRTIO_PCI_BAR,
+                table_offset: MSIX_TABLE_OFFSET,
+                pba_bar: VIRTIO_PCI_BAR,
+                pba_offset: MSIX_PBA_OFFSET,
+            },
+            sink,
+        )
+    }
+
+    /// `device` with its queues in `mem`, interrupting through `msix` (see [`Self::msix_for`]).
+    pub fn new(device: D, mem: M, msix: Msix) -> Result<Self, PciError> {
+        let ty = device.device_type();
+        let num_queues = device.queue_max_sizes().len();
+        let header = PciHeader {
+            vendor_id: VIRTIO_PCI_VENDOR_ID,
+            device_id: VIRTIO_PCI_DEVICE_ID_BASE.wrapping_add(ty as u16),
+            revision_id: 1,
+            class_code: 0xff,
+            subsystem_vendor_id: VIRTIO_PCI_VENDOR_ID,
+            subsystem_id: 0x40,
+            ..Default::default()
+        };
+        let mut cfg = ConfigSpace::conventional(&header);
+        cfg.add_bar(
+            VIRTIO_PCI_BAR,
+            BarKind::Memory64 {
+                prefetchable: false,
+            },
+            VIRTIO_PCI_BAR_SIZE,
+        )?;
+        let notify_len = (num_queues as u64 * NOTIFY_OFF_MULTIPLIER as u64).max(4);
+        for (ty, offset, len) in [
+            (VIRTIO_PCI_CAP_COMMON_CFG, COMMON_CFG_OFFSET, COMMON_CFG_LEN),
+            (VIRTIO_PCI_CAP_ISR_CFG, ISR_CFG_OFFSET, 4),
+            (VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_CFG_OFFSET, DEVICE_CFG_LEN),
+            (VIRTIO_PCI_CAP_NOTIFY_CFG, NOTIFY_CFG_OFFSET, notify_len),
+        ] {
+            cfg.add_capability(
+                cap_id::VENDOR_SPECIFIC,
+                &virtio_pci_cap(ty, offset, len),
+                &[],
+            )?;
+        }
+        cfg.add_msix(&msix)?;
+        let vectors = Arc::new(Vectors {
+            config: AtomicU16::new(VIRTIO_MSI_NO_VECTOR),
+            queues: (0..num_queues)
+                .map(|_| AtomicU16::new(VIRTIO_MSI_NO_VECTOR))
+                .collect(),
+        });
+        let isr = Arc::new(AtomicU8::new(0));
+        let interrupt = PciInterrupt {
+            isr: isr.clone(),
+            vectors: vectors.clone(),
+            msix: (0..msix.config().vectors).map(|v| msix.vector(v)).collect(),
+        };
+        Ok(Self {
+            core: TransportCore::new(device, mem, Arc::new(interrupt)),
+            cfg,
+            msix,
+            isr,
+            vectors,
+        })
+    }
+
+    /// The shared transport core.
+    pub fn core(&self) -> &TransportCore<D, M> {
+        &self.core
+    }
+
+    /// The shared transport core, mutably.
+    pub fn core_mut(&mut self) -> &mut TransportCore<D, M> {
+        &mut self.core
+    }
+
+    /// The device.
+    pub fn device(&self) -> &D {
+        self.core.device()
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> TransportMetrics {
+        self.core.metrics()
+    }
+
+    /// The MSI-X state.
+    pub fn msix(&self) -> &Msix {
+        &self.msix
+    }
+
+    /// Deliver a queue notification (what an ioeventfd worker calls).
+    pub fn notify_queue(&mut self, index: u16) {
+        self.core.notify(index);
+    }
+
+    /// Doorbell addresses once BAR 0 is at `bar_base`: `(address, datamatch, queue)` for
+    /// ioeventfd registration (any write width, no datamatch).
+    pub fn notify_addresses(&self, bar_base: u64) -> Vec<(u64, Option<u32>, u16)> {
+        (0..self.core.num_queues())
+            .map(|q| {
+                let off = NOTIFY_CFG_OFFSET + q as u64 * NOTIFY_OFF_MULTIPLIER as u64;
+                (bar_base + off, None, q)
+            })
+            .collect()
+    }
+
+    /// Where BAR 0 currently is, if programmed and enabled.
+    pub fn bar_address(&self) -> Option<u64> {
+        self.cfg
+            .bars()
+            .iter()
+            .find(|b| b.index == VIRTIO_PCI_BAR)
+            .map(|b| b.address)
+    }
+
+    fn common_read(&mut self, offset: u64, data: &mut [u8]) {
+        use CommonCfgField::*;
+        let f = match CommonCfgField::decode(offset, data.len()) {
+            Ok(f) => f,
+            Err(_) => return self.core.count_bad_access(),
+        };
+        let c = &self.core;
+        let v: u64 = match f {
+            DeviceFeatureSelect => 0, // write-only in practice; reads back 0
+            DeviceFeature => c.device_features() as u64,
+            DriverFeatureSelect => 0,
+            DriverFeature => c.driver_features() as u64,
+            ConfigMsixVector => self.vectors.config.load(Ordering::Acquire) as u64,
+            NumQueues => c.num_queues() as u64,
+            DeviceStatus => c.status() as u64,
+            ConfigGeneration => c.config_generation() as u8 as u64,
+            QueueSelect => c.queue_select() as u64,
+            QueueSize => c.queue_size() as u64,
+            QueueMsixVector => self
+                .vectors
+                .queues
+                .get(c.queue_select() as usize)
+                .map_or(VIRTIO_MSI_NO_VECTOR, |v| v.load(Ordering::Acquire))
+                as u64,
+            QueueEnable => c.queue_ready() as u64,
+            QueueNotifyOff => c.queue_select() as u64,
+            QueueAddress { ring, high, .. } => {
+                let a = c.queue_address(ring);
+                if high { a >> 32 } else { a }
+            }
+            QueueNotifyData | QueueReset => 0,
+        };
+        let bytes = v.to_le_bytes();
+        let n = data.len().min(8);
+        data[..n].copy_from_slice(&bytes[..n]);
+    }
+
+    fn common_write(&mut self, offset: u64, data: &[u8]) {
+        use CommonCfgField::*;
+        let f = match CommonCfgField::decode(offset, data.len()) {
+            Ok(f) => f,
+            Err(_) => return self.core.count_bad_access(),
+        };
+        let mut b = [0u8; 8];
+        let n = data.len().min(8);
+        b[..n].copy_from_slice(&data[..n]);
+        let v = u64::from_le_bytes(b);
+        let c = &mut self.core;
+        match f {
+            DeviceFeatureSelect => c.set_device_features_select(v as u32),
+            DriverFeatureSelect => c.set_driver_features_select(v as u32),
+            DriverFeature => c.write_driver_features(v as u32),
+            ConfigMsixVector => {
+                let vec = self.valid_vector(v as u16);
+                self.vectors.config.store(vec, Ordering::Release);
+            }
+            DeviceStatus => {
+                c.set_status(v as u8);
+                if v == 0 {
+                    self.isr.store(0, Ordering::Release);
+                    self.vectors.reset();
+                }
+            }
+            QueueSelect => c.set_queue_select(v as u16),
+            QueueSize => c.set_queue_size(v as u16),
+            QueueMsixVector => {
+                let vec = self.valid_vector(v as u16);
+                match self.vectors.queues.get(self.core.queue_select() as usize) {
+                    Some(slot) => slot.store(vec, Ordering::Release),
+                    None => self.core.count_bad_access(),
+                }
+            }
+            QueueEnable => c.set_queue_ready(v == 1),
+            QueueAddress {
+                ring, whole: true, ..
+            } => c.set_queue_address(ring, v),
+            QueueAddress { ring, high, .. } => c.set_queue_address_half(ring, high, v as u32),
+            DeviceFeature | NumQueues | ConfigGeneration | QueueNotifyOff | QueueNotifyData
+            | QueueReset => c.count_bad_access(),
+        }
+    }
+
+    /// A vector the device can use, or `VIRTIO_MSI_NO_VECTOR` (which the driver reads back as
+    /// the refusal, virtio 1.2 §4.1.5.1.2).
+    fn valid_vector(&self, v: u16) -> u16 {
+        if v < self.msix.config().vectors {
+            v
+        } else {
+            VIRTIO_MSI_NO_VECTOR
+        }
+    }
+}
+
+/// The body of a `struct virtio_pci_cap` after `cap_vndr`/`cap_next` (virtio 1.2 §4.1.4);
+/// the notify capability carries `notify_off_multiplier` after it.
+fn virtio_pci_cap(cfg_type: u8, offset: u64, length: u64) -> Vec<u8> {
+    let notify = cfg_type == VIRTIO_PCI_CAP_NOTIFY_CFG;
+    let cap_len: u8 = if notify { 20 } else { 16 };
+    let mut b = vec![cap_len, cfg_type, VIRTIO_PCI_BAR, 0, 0, 0];
+    b.extend_from_slice(&(offset as u32).to_le_bytes());
+    b.extend_from_slice(&(length as u32).to_le_bytes());
+    if notify {
+        b.extend_from_slice(&NOTIFY_OFF_MULTIPLIER.to_le_bytes());
+    }
+    b
+}
+
+impl<D, M> PciFunction for VirtioPciTransport<D, M>
+where
+    D: VirtioDevice<M>,
+    M: GuestMemory + Clone + Send + Sync + 'static,
+{
+    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
+        self.cfg.read(offset, data)
+    }
+
+    fn config_write(&mut self, offset: u16, data: &[u8]) {
+        self.cfg.write(offset, data)
+    }
+
+    fn bars(&self) -> Vec<PciBar> {
+        self.cfg.bars()
+    }
+
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if bar != VIRTIO_PCI_BAR {
+            return self.core.count_bad_access();
+        }
+        match offset {
+            o if o < COMMON_CFG_LEN => self.common_read(o, data),
+            o if o == ISR_CFG_OFFSET && data.len() == 1 => {
+                // Reading the ISR clears it (virtio 1.2 §4.1.4.5).
+                data[0] = self.isr.swap(0, Ordering::AcqRel);
+            }
+            o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_LEN).contains(&o) => {
+                self.core.read_config(o - DEVICE_CFG_OFFSET, data)
+            }
+            _ => {
+                if !self.msix.bar_read(bar, offset, data) {
+                    self.core.count_bad_access();
+                }
+            }
+        }
+    }
+
+    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+        if bar != VIRTIO_PCI_BAR {
+            return self.core.count_bad_access();
+        }
+        let notify_end =
+            NOTIFY_CFG_OFFSET + self.core.num_queues() as u64 * NOTIFY_OFF_MULTIPLIER as u64;
+        match offset {
+            o if o < COMMON_CFG_LEN => self.common_write(o, data),
+            o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_LEN).contains(&o) => {
+                self.core.write_config(o - DEVICE_CFG_OFFSET, data)
+            }
+            o if (NOTIFY_CFG_OFFSET..notify_end).contains(&o) => {
+                let q = (o - NOTIFY_CFG_OFFSET) / NOTIFY_OFF_MULTIPLIER as u64;
+                self.core.notify(q as u16);
+            }
+            _ => {
+                if !self.msix.bar_write(bar, offset, data) {
+                    self.core.count_bad_access();
+                }
+            }
+        }
+    }
+}
