@@ -31,6 +31,9 @@ pub struct TransportMetrics {
     pub bad_notifies: u64,
     /// Notifications delivered to the device.
     pub notifies: u64,
+    /// Doorbell writes that trapped to the transport (the plain-exit path; with ioeventfds
+    /// registered this stays 0).
+    pub trapped_notifies: u64,
     /// Register accesses with a bad offset or width (ignored, reads return 0).
     pub bad_register_accesses: u64,
     /// Activations that failed (→ `DEVICE_NEEDS_RESET`).
@@ -453,6 +456,12 @@ where
         if let Err(e) = self.device.queue_notify(index) {
             self.device_error(e);
         }
+    }
+
+    /// A doorbell write trapped to the transport: count it, then [`Self::notify`].
+    pub fn trapped_notify(&mut self, index: u16) {
+        self.metrics.trapped_notifies += 1;
+        self.notify(index);
     }
 
     /// Record a device error reported outside [`Self::notify`] (e.g. from a worker).

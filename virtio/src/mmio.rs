@@ -268,10 +268,7 @@ where
                 Err(_) => c.set_queue_size(0),
             },
             QueueReady => c.set_queue_ready(v == 1),
-            QueueNotify => match u16::try_from(v) {
-                Ok(q) => c.notify(q),
-                Err(_) => c.notify(u16::MAX),
-            },
+            QueueNotify => c.trapped_notify(u16::try_from(v).unwrap_or(u16::MAX)),
             InterruptAck => {
                 self.interrupt_status.fetch_and(!v, Ordering::AcqRel);
             }

@@ -510,7 +510,7 @@ where
             }
             o if (NOTIFY_CFG_OFFSET..notify_end).contains(&o) => {
                 let q = (o - NOTIFY_CFG_OFFSET) / NOTIFY_OFF_MULTIPLIER as u64;
-                self.core.notify(q as u16);
+                self.core.trapped_notify(q as u16);
             }
             _ => {
                 if !self.msix.bar_write(bar, offset, data) {

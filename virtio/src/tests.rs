@@ -499,6 +499,7 @@ fn harness_works_on_caller_memory() {
         h.transport().metrics(),
         TransportMetrics {
             notifies: 1,
+            trapped_notifies: 1,
             resets: 1,
             ..Default::default()
         }

@@ -1,0 +1,371 @@
+//! Tests against the real /dev/kvm with tiny guests (names start with `kvm_`): a guest
+//! enumerates the PCI bus and finds virtio-rng, and a guest drives virtio-rng over virtio-pci
+//! with an MSI-X interrupt (doorbell through ioeventfd, interrupt through irqfd).
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use iced_x86::code_asm::*;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmkit_devices::IoBuses;
+use vmkit_devices::debug_exit::DebugExit;
+use vmkit_devices::interrupt::NoInterrupt;
+use vmkit_devices::kvm_irq::{KvmIrqRouter, enable_split_irqchip};
+use vmkit_devices::msi::RecordingMsiSink;
+use vmkit_devices::pci::{PciFunction, PciRoot, cap_id};
+use vmkit_devices::serial::Serial;
+use vmkit_memory::{GuestLayout, PageSize, PageTableBuilder, paging::flags};
+use vmkit_vcpu::test_utils::{
+    CODE_ADDR, DATA_ADDR, DEFAULT_RAM, HarnessError, PAGE_TABLE_ADDR, STACK_TOP, TinyGuest,
+    assemble,
+};
+use vmkit_vcpu::{ExitStats, KvmVcpu, KvmVm, LongModeState, RunOutcome, StopHandle};
+
+use crate::notify::{NotifyWorker, register_ioeventfds};
+use crate::pci::{MSIX_TABLE_OFFSET, NOTIFY_CFG_OFFSET, VirtioPciTransport};
+use crate::rng::Rng;
+
+const SERIAL: u16 = 0x3f8;
+const DEBUG_EXIT: u16 = 0xf4;
+const HANDLER_ADDR: u64 = CODE_ADDR + 0x1000;
+const COUNTER: u64 = DATA_ADDR;
+const IDTR_ADDR: u64 = DATA_ADDR + 0x100;
+const IDT_ADDR: u64 = DATA_ADDR + 0x1000;
+const LAPIC_BASE: u64 = 0xfee0_0000;
+/// Virtqueue 0 of the guest driver (16 entries) and its buffer.
+const DESC: u64 = 0x30_0000;
+const AVAIL: u64 = DESC + 0x100;
+const USED: u64 = DESC + 0x200;
+const BUF: u64 = 0x30_1000;
+
+#[derive(Clone, Default)]
+struct Out(Arc<Mutex<Vec<u8>>>);
+impl Write for Out {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Print a literal through the serial port.
+fn puts(a: &mut CodeAssembler, s: &str) -> Result<(), IcedError> {
+    a.mov(dx, SERIAL as u32)?;
+    for c in s.bytes() {
+        a.mov(al, c as u32)?;
+        a.out(dx, al)?;
+    }
+    Ok(())
+}
+
+/// `hex`: print the low `r9d` nibbles of `r8d` in hex (clobbers eax, ecx, edx, r8, r9).
+fn hex_routine(a: &mut CodeAssembler, label: &mut CodeLabel) -> Result<(), IcedError> {
+    let mut lp = a.create_label();
+    let mut digit = a.create_label();
+    a.set_label(label)?;
+    a.mov(ecx, 8u32)?;
+    a.sub(ecx, r9d)?;
+    a.shl(ecx, 2)?;
+    a.shl(r8d, cl)?;
+    a.mov(dx, SERIAL as u32)?;
+    a.set_label(&mut lp)?;
+    a.rol(r8d, 4)?;
+    a.mov(eax, r8d)?;
+    a.and(eax, 0xfu32)?;
+    a.cmp(eax, 10u32)?;
+    a.jb(digit)?;
+    a.add(eax, (b'a' - 10 - b'0') as u32)?;
+    a.set_label(&mut digit)?;
+    a.add(eax, b'0' as u32)?;
+    a.out(dx, al)?;
+    a.dec(r9d)?;
+    a.jnz(lp)?;
+    a.ret()
+}
+
+/// Point 0xCF8 at `reg` of the device number in `esi`.
+fn cfg_select(a: &mut CodeAssembler, reg: u32) -> Result<(), IcedError> {
+    a.mov(eax, esi)?;
+    a.shl(eax, 11)?;
+    a.or(eax, 0x8000_0000u32 | reg)?;
+    a.mov(dx, 0xcf8u32)?;
+    a.out(dx, eax)?;
+    a.mov(dx, 0xcfcu32)
+}
+
+fn rng_function(
+    mem: GuestMemoryMmap,
+    sink: Arc<dyn vmkit_devices::msi::MsiSink>,
+) -> VirtioPciTransport<Rng> {
+    let rng = Rng::default();
+    let msix = VirtioPciTransport::msix_for(&rng, sink).unwrap();
+    VirtioPciTransport::new(rng, mem, msix).unwrap()
+}
+
+/// A guest scans bus 0 through 0xCF8/0xCFC, finds the virtio-rng function (1af4:1044) and
+/// sizes its 64-bit BAR 0, printing `dev id bar0 bar1` lines on the serial port.
+#[test]
+fn kvm_pci_enumeration() {
+    let mut g = TinyGuest::new(|a| {
+        let mut hex = a.create_label();
+        let mut scan = a.create_label();
+        let mut next = a.create_label();
+        let mut start = a.create_label();
+        a.jmp(start)?;
+        hex_routine(a, &mut hex)?;
+        a.set_label(&mut start)?;
+        a.xor(esi, esi)?;
+        a.set_label(&mut scan)?;
+        cfg_select(a, 0)?;
+        a.in_(eax, dx)?;
+        a.cmp(eax, -1)?;
+        a.je(next)?;
+        a.mov(r12d, eax)?;
+        a.mov(r8d, esi)?;
+        a.mov(r9d, 2u32)?;
+        a.call(hex)?;
+        puts(a, " ")?;
+        a.mov(r8d, r12d)?;
+        a.mov(r9d, 8u32)?;
+        a.call(hex)?;
+        for reg in [0x10, 0x14] {
+            // BAR sizing: write all-ones, read back the size mask.
+            cfg_select(a, reg)?;
+            a.mov(eax, 0xffff_ffffu32)?;
+            a.out(dx, eax)?;
+            a.in_(eax, dx)?;
+            a.mov(r8d, eax)?;
+            puts(a, " ")?;
+            a.mov(r9d, 8u32)?;
+            a.call(hex)?;
+        }
+        puts(a, "\n")?;
+        a.set_label(&mut next)?;
+        a.inc(esi)?;
+        a.cmp(esi, 32)?;
+        a.jb(scan)?;
+        a.mov(al, 0u32)?;
+        a.out(DEBUG_EXIT as i32, al)
+    })
+    .unwrap();
+    let buses = Arc::new(IoBuses::default());
+    let root = PciRoot::new(&buses);
+    let f = rng_function(g.mem.clone(), Arc::new(RecordingMsiSink::default()));
+    root.add(3, 0, "virtio-rng", Arc::new(Mutex::new(f)))
+        .unwrap();
+    let out = Out::default();
+    let stop = StopHandle::new();
+    buses.pio.insert(0xcf8, 8, "pci", root.config_io()).unwrap();
+    buses
+        .pio
+        .insert(
+            SERIAL as u64,
+            8,
+            "com1",
+            Arc::new(Serial::new(Arc::new(NoInterrupt), out.clone())),
+        )
+        .unwrap();
+    buses
+        .pio
+        .insert(
+            DEBUG_EXIT as u64,
+            1,
+            "exit",
+            Arc::new(DebugExit::new(stop.clone())),
+        )
+        .unwrap();
+    let mut stats = ExitStats::default();
+    let r = vmkit_vcpu::run_until_exit(&mut g.vcpu, &*buses, &stop, &mut stats).unwrap();
+    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(r, RunOutcome::Stopped(0), "{text}");
+    // 32 KiB 64-bit memory BAR: low dword 0xffff8000 | type 0b100, high dword all ones.
+    assert_eq!(text, "03 10441af4 ffff8004 ffffffff\n");
+}
+
+/// A VM with the split irqchip (in-kernel LAPIC; enabled before the vCPU exists, which
+/// `TinyGuest` does not do), `main` at `CODE_ADDR`, `handler` behind IDT vector `vector`.
+fn irq_guest(
+    main: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+    handler: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+    vector: u8,
+) -> Result<(KvmVm, KvmVcpu, GuestMemoryMmap), HarnessError> {
+    let mem = GuestLayout::builder()
+        .ram_size(DEFAULT_RAM)
+        .build()?
+        .create_memory()?;
+    let mut pt = PageTableBuilder::new(&mem, PAGE_TABLE_ADDR, 0x7000)?;
+    pt.identity_map(0, 4 << 30, PageSize::Size2M, flags::WRITABLE)?;
+    mem.write_slice(&assemble(CODE_ADDR, main)?, GuestAddress(CODE_ADDR))?;
+    mem.write_slice(
+        &assemble(HANDLER_ADDR, handler)?,
+        GuestAddress(HANDLER_ADDR),
+    )?;
+    // 64-bit interrupt gate (SDM Vol. 3 §6.14.1): present, DPL 0, type 0xE, selector 0x08.
+    let h = HANDLER_ADDR;
+    let lo = (h & 0xffff) | 0x08 << 16 | 0x8e00 << 32 | ((h >> 16) & 0xffff) << 48;
+    let gate = IDT_ADDR + 16 * vector as u64;
+    mem.write_obj(lo, GuestAddress(gate))?;
+    mem.write_obj(h >> 32, GuestAddress(gate + 8))?;
+    mem.write_obj(256u16 * 16 - 1, GuestAddress(IDTR_ADDR))?;
+    mem.write_obj(IDT_ADDR, GuestAddress(IDTR_ADDR + 2))?;
+    let state = LongModeState::flat_64(pt.cr3(), CODE_ADDR, STACK_TOP);
+    state.write_gdt(&mem)?;
+    let mut vm = KvmVm::new()?;
+    enable_split_irqchip(&vm)?;
+    vm.register_memory(&mem)?;
+    let mut vcpu = vm.create_vcpu(0)?;
+    state.apply(&mut vcpu)?;
+    Ok((vm, vcpu, mem))
+}
+
+fn msix_cap(f: &mut impl PciFunction) -> u16 {
+    let mut p = [0u8; 2];
+    f.config_read(0x34, &mut p[..1]);
+    let mut at = p[0] as u16;
+    while at != 0 {
+        f.config_read(at, &mut p);
+        if p[0] == cap_id::MSIX {
+            return at;
+        }
+        at = p[1] as u16;
+    }
+    panic!("no MSI-X capability");
+}
+
+/// The guest programs BAR 0, enables MSI-X and points queue 0 at vector 1 (IDT vector 0x41),
+/// brings virtio-rng up through the common configuration, posts a 16-byte buffer and rings
+/// the doorbell — which KVM turns into an ioeventfd signal (no exit). The notify worker runs
+/// the device, whose used-ring interrupt goes out through the vector's irqfd; the guest's IDT
+/// handler counts it and the guest reports the count through the debug-exit port.
+#[test]
+fn kvm_msix_reaches_guest() {
+    const VECTOR: u32 = 0x41;
+    const BAR: u64 = 0xd000_0000;
+    const DEV: u32 = 1;
+    // The MSI-X capability offset is a property of the transport; read it off a twin.
+    let cap = {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        msix_cap(&mut rng_function(
+            mem,
+            Arc::new(RecordingMsiSink::default()),
+        ))
+    } as u32;
+    let cfg_write =
+        |a: &mut CodeAssembler, reg: u32, v: u32, word: bool| -> Result<(), IcedError> {
+            a.mov(dx, 0xcf8u32)?;
+            a.mov(eax, 0x8000_0000 | DEV << 11 | (reg & 0xfc))?;
+            a.out(dx, eax)?;
+            a.mov(dx, 0xcfc + (reg & 3))?;
+            a.mov(eax, v)?;
+            if word { a.out(dx, ax) } else { a.out(dx, eax) }
+        };
+    let (vm, mut vcpu, mem) = irq_guest(
+        |a| {
+            a.mov(rax, IDTR_ADDR)?;
+            a.lidt(ptr(rax))?;
+            a.mov(rbx, LAPIC_BASE)?;
+            a.mov(dword_ptr(rbx + 0xf0), 0x1ffu32)?; // LAPIC SVR: software enable
+            cfg_write(a, 0x10, BAR as u32, false)?;
+            cfg_write(a, 0x14, 0, false)?;
+            cfg_write(a, 0x04, 0x6, true)?; // memory space + bus master
+            cfg_write(a, cap + 2, 0x8000, true)?; // MSI-X enable
+            a.mov(rsi, BAR)?;
+            let e = MSIX_TABLE_OFFSET as i32 + 16; // table entry 1
+            a.mov(dword_ptr(rsi + e), LAPIC_BASE as u32)?;
+            a.mov(dword_ptr(rsi + e + 4), 0u32)?;
+            a.mov(dword_ptr(rsi + e + 8), VECTOR)?;
+            a.mov(dword_ptr(rsi + e + 12), 0u32)?; // unmask
+            // virtio 1.2 §3.1.1 through the common configuration.
+            a.mov(byte_ptr(rsi + 0x14), 1u32)?; // ACKNOWLEDGE
+            a.mov(byte_ptr(rsi + 0x14), 3u32)?; // DRIVER
+            a.mov(dword_ptr(rsi + 0x08), 1u32)?; // driver_feature_select = 1
+            a.mov(dword_ptr(rsi + 0x0c), 1u32)?; // VIRTIO_F_VERSION_1
+            a.mov(byte_ptr(rsi + 0x14), 0xbu32)?; // FEATURES_OK
+            a.mov(word_ptr(rsi + 0x16), 0u32)?; // queue_select
+            a.mov(word_ptr(rsi + 0x18), 16u32)?; // queue_size
+            for (off, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
+                a.mov(dword_ptr(rsi + off), addr as u32)?;
+                a.mov(dword_ptr(rsi + off + 4), 0u32)?;
+            }
+            a.mov(word_ptr(rsi + 0x1a), 1u32)?; // queue_msix_vector
+            a.mov(word_ptr(rsi + 0x1c), 1u32)?; // queue_enable
+            a.mov(byte_ptr(rsi + 0x14), 0xfu32)?; // DRIVER_OK
+            // Descriptor 0: a 16-byte device-writable buffer; publish it.
+            a.mov(rdi, DESC)?;
+            a.mov(rax, BUF)?;
+            a.mov(qword_ptr(rdi), rax)?;
+            a.mov(dword_ptr(rdi + 8), 16u32)?;
+            a.mov(word_ptr(rdi + 12), 2u32)?; // VRING_DESC_F_WRITE
+            a.mov(rdi, AVAIL)?;
+            a.mov(word_ptr(rdi + 4), 0u32)?;
+            a.mov(word_ptr(rdi + 2), 1u32)?;
+            a.mov(rdi, COUNTER)?;
+            a.sti()?;
+            a.mov(word_ptr(rsi + NOTIFY_CFG_OFFSET as i32), 0u32)?; // doorbell, queue 0
+            let mut again = a.create_label();
+            let mut done = a.create_label();
+            a.mov(ecx, 200_000u32)?;
+            a.set_label(&mut again)?;
+            a.cmp(dword_ptr(rdi), 1)?;
+            a.jae(done)?;
+            a.pause()?;
+            a.dec(ecx)?;
+            a.jnz(again)?;
+            a.set_label(&mut done)?;
+            a.mov(eax, dword_ptr(rdi))?;
+            a.out(DEBUG_EXIT as i32, al)
+        },
+        |a| {
+            a.push(rax)?;
+            a.mov(rax, COUNTER)?;
+            a.inc(dword_ptr(rax))?;
+            a.mov(rax, LAPIC_BASE)?;
+            a.mov(dword_ptr(rax + 0xb0), 0u32)?; // EOI
+            a.pop(rax)?;
+            a.iretq()
+        },
+        VECTOR as u8,
+    )
+    .unwrap();
+
+    let router = KvmIrqRouter::new(&vm).unwrap();
+    // irqfds go on the MSI-X vectors before the transport takes its vector handles.
+    let msix = VirtioPciTransport::<Rng>::msix_for(&Rng::default(), router.clone()).unwrap();
+    router.attach_msix(&msix).unwrap();
+    let f = VirtioPciTransport::new(Rng::default(), mem.clone(), msix.clone()).unwrap();
+    let f = Arc::new(Mutex::new(f));
+    let buses = Arc::new(IoBuses::default());
+    let root = PciRoot::new(&buses);
+    root.add(DEV as u8, 0, "virtio-rng", f.clone()).unwrap();
+    let stop = StopHandle::new();
+    buses.pio.insert(0xcf8, 8, "pci", root.config_io()).unwrap();
+    buses
+        .pio
+        .insert(
+            DEBUG_EXIT as u64,
+            1,
+            "exit",
+            Arc::new(DebugExit::new(stop.clone())),
+        )
+        .unwrap();
+    // The guest will put BAR 0 at BAR: register the doorbell ioeventfd there.
+    let doorbells = f.lock().unwrap().notify_addresses(BAR);
+    let fds = register_ioeventfds(vm.fd(), &doorbells).unwrap();
+    let worker = NotifyWorker::spawn(f.clone(), fds).unwrap();
+
+    let mut stats = ExitStats::default();
+    let r = vmkit_vcpu::run_until_exit(&mut vcpu, &*buses, &stop, &mut stats).unwrap();
+    drop(worker);
+    let t = f.lock().unwrap();
+    let m = t.metrics();
+    assert_eq!(r, RunOutcome::Stopped(1), "{m:?} {:?}", msix.stats());
+    assert_eq!((m.notifies, m.trapped_notifies), (1, 0), "{m:?}");
+    assert_eq!(m.bad_register_accesses, 0);
+    assert_eq!(msix.stats().delivered, 1);
+    assert_eq!(t.device().metrics().bytes, 16);
+    let used_idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+    let used_len: u32 = mem.read_obj(GuestAddress(USED + 8)).unwrap();
+    assert_eq!((used_idx, used_len), (1, 16));
+}
