@@ -174,8 +174,8 @@ fn bench(c: &mut Criterion) {
 fn ratios() {
     let s = setup();
     let mut cs = cases(&s);
-    let rounds = 7;
-    let batch = 200_000usize;
+    let rounds = 40;
+    let batch = 50_000usize;
     let mut best = vec![Duration::MAX; cs.len()];
     for _ in 0..rounds {
         for (k, (_, f, addrs)) in cs.iter_mut().enumerate() {
