@@ -228,7 +228,7 @@ impl Default for GuestLayoutBuilder {
     }
 }
 
-/// The host's physical address width (CPUID leaf 0x8000_0008, EAX[7:0]), or 36 if unknown.
+/// The host's physical address width (CPUID leaf 0x8000_0008, EAX bits 7:0), or 36 if unknown.
 pub fn host_phys_bits() -> u8 {
     #[cfg(target_arch = "x86_64")]
     {

@@ -1,4 +1,4 @@
-//! The two-dimensional walk (nested paging): the guest walk of [`walk`](crate::walk) where every
+//! The two-dimensional walk (nested paging): the guest walk of [`walk`](crate::walk::walk) where every
 //! guest paging-structure access is itself translated through EPT, then the final guest-physical
 //! address too. Every memory reference is recorded — for 4-level guest and 4-level EPT tables a
 //! TLB miss costs at most 4 × (4 + 1) + 4 = 24 — and a fault says which stage raised it.

@@ -74,7 +74,7 @@ pub struct PagingMode {
     /// 1 GiB pages are supported (CPUID.80000001H:EDX.Page1GB); otherwise a PDPTE with PS is
     /// reserved.
     pub gbpages: bool,
-    /// MAXPHYADDR (CPUID.80000008H:EAX[7:0]): entry bits 51:MAXPHYADDR are reserved.
+    /// MAXPHYADDR (CPUID.80000008H:EAX bits 7:0): entry bits 51:MAXPHYADDR are reserved.
     pub maxphyaddr: u8,
     /// Set accessed flags (and dirty on writes) in the entries of successful walks.
     pub update_ad: bool,

@@ -32,6 +32,18 @@ pub fn run(data: &[u8]) {
     if let Err(e) = run_ops(&world, policy, &ops) {
         panic!("shadow MMU disagrees with EPT ∘ guest walk: {e}");
     }
+    // Arbitrary CR3, EPTP and addresses (misaligned, outside memory, non-canonical): errors only.
+    let words: Vec<u64> = data
+        .chunks(8)
+        .map(|c| c.iter().rev().fold(0u64, |a, &x| (a << 8) | u64::from(x)))
+        .collect();
+    for w in words.windows(3).take(16) {
+        let access = vmkit_memory::test_utils::access_from(w[2]);
+        let _ = vmkit_memory::walk::walk_guest(&world.host, &mode, w[0], w[1], access);
+        let mut setup = world.setup;
+        setup.eptp = w[2];
+        let _ = vmkit_memory::nested::walk_2d(&world.host, &setup, w[0], w[1], access);
+    }
 }
 
 /// Deterministic seed inputs (written to `corpus/paging/` by [`tests::seed_corpus_is_current`]
