@@ -23,3 +23,4 @@ pub mod block;
 pub mod ioapic;
 pub mod pci;
 pub mod paging;
+pub mod vcpu;
