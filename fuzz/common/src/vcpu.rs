@@ -9,7 +9,9 @@
 use arbitrary::{Arbitrary, Unstructured};
 use vmkit_vcpu::cpuid::{CpuidTemplate, Topology};
 use vmkit_vcpu::vmcs::checks::check_guest_state;
-use vmkit_vcpu::vmcs::exit_reason::{CrAccessQualification, EptViolationQualification, ExitReason, IoQualification};
+use vmkit_vcpu::vmcs::exit_reason::{
+    CrAccessQualification, EptViolationQualification, ExitReason, IoQualification,
+};
 use vmkit_vcpu::vmcs::{InterruptionInfo, MsrBitmap, Vmcs, VmcsField};
 
 /// One fuzz operation.
@@ -79,14 +81,27 @@ pub fn run(data: &[u8]) {
                     b.set_write_exiting(msr, on)
                 };
                 if r.is_ok() {
-                    assert_eq!(if read { b.read_exits(msr) } else { b.write_exits(msr) }, on);
+                    assert_eq!(
+                        if read {
+                            b.read_exits(msr)
+                        } else {
+                            b.write_exits(msr)
+                        },
+                        on
+                    );
                 }
                 let _ = MsrBitmap::from_bytes(&msr.to_le_bytes());
             }
             Op::Cpuid(json) => {
                 if let Ok(t) = CpuidTemplate::from_json(&String::from_utf8_lossy(&json)) {
                     let host = kvm_bindings::CpuId::new(0).expect("empty CPUID");
-                    let _ = t.build(&host, Topology { vcpu_id: 1, nr_vcpus: 2 });
+                    let _ = t.build(
+                        &host,
+                        Topology {
+                            vcpu_id: 1,
+                            nr_vcpus: 2,
+                        },
+                    );
                 }
             }
         }
@@ -95,7 +110,11 @@ pub fn run(data: &[u8]) {
 
 fn write(v: &mut Vmcs, f: VmcsField, val: u64) {
     if v.write(f, val).is_ok() {
-        let expect = if f.is_high() { val } else { val & f.width().max_value() };
+        let expect = if f.is_high() {
+            val
+        } else {
+            val & f.width().max_value()
+        };
         assert_eq!(v.read(f), Ok(expect), "{f:?}");
     }
 }
@@ -111,11 +130,33 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
     let mut d = Vec::new();
     for (tag, body) in [
         (0u32, 0x681eu32.to_le_bytes().to_vec()),
-        (1, [0x6820u32.to_le_bytes().to_vec(), 0u64.to_le_bytes().to_vec()].concat()),
+        (
+            1,
+            [
+                0x6820u32.to_le_bytes().to_vec(),
+                0u64.to_le_bytes().to_vec(),
+            ]
+            .concat(),
+        ),
         (3, Vec::new()),
-        (4, [0x8000_0b0du32.to_le_bytes(), 0x18u32.to_le_bytes(), 0u32.to_le_bytes()].concat()),
+        (
+            4,
+            [
+                0x8000_0b0du32.to_le_bytes(),
+                0x18u32.to_le_bytes(),
+                0u32.to_le_bytes(),
+            ]
+            .concat(),
+        ),
         (3, Vec::new()),
-        (5, [0x03f8_0008u64.to_le_bytes().to_vec(), 30u16.to_le_bytes().to_vec()].concat()),
+        (
+            5,
+            [
+                0x03f8_0008u64.to_le_bytes().to_vec(),
+                30u16.to_le_bytes().to_vec(),
+            ]
+            .concat(),
+        ),
     ] {
         d.extend(tag.to_le_bytes());
         d.extend(body);
@@ -141,7 +182,11 @@ mod tests {
                 std::fs::create_dir_all(&dir).unwrap();
                 std::fs::write(&path, &data).unwrap();
             }
-            assert_eq!(std::fs::read(&path).ok(), Some(data), "{name}: run with VMKIT_WRITE_CORPUS=1");
+            assert_eq!(
+                std::fs::read(&path).ok(),
+                Some(data),
+                "{name}: run with VMKIT_WRITE_CORPUS=1"
+            );
         }
     }
 
