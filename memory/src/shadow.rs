@@ -245,7 +245,7 @@ impl ShadowMmu {
 
     /// Guest page-table pages currently write-protected (tracked and not unsync).
     pub fn write_protected(&self) -> usize {
-        self.pt_pages.len() - self.unsync.len()
+        self.pt_pages.len().saturating_sub(self.unsync.len())
     }
 
     /// The shadow entry for `gva` in the current root, if any.
@@ -460,8 +460,9 @@ impl ShadowMmu {
     }
 
     /// MOV to CR3: switch to the shadow entries cached for the new root (kept in sync by write
-    /// protection) and resync unsync pages.
+    /// protection) and resync unsync pages. Bit 63 (NOFLUSH) is not part of CR3 and is dropped.
     pub fn set_cr3(&mut self, cr3: u64) {
+        let cr3 = cr3 & !(1 << 63);
         self.counters.cr3_switches += 1;
         let old = root_key(self.cr3);
         let new = root_key(cr3);
