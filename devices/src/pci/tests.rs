@@ -779,3 +779,83 @@ fn slot_and_layout_errors() {
     c.add_msix(&small).unwrap();
     assert_eq!(c.add_msix(&small), Err(PciError::MsixTwice));
 }
+
+fn full_function() -> ConfigSpace {
+    let sink: Arc<RecordingMsiSink> = Arc::default();
+    let msix = Msix::new(MsixConfig::in_bar(2, 4, 0x800), sink).unwrap();
+    let mut c = ConfigSpace::new(&header());
+    c.add_bar(0, BarKind::Memory32 { prefetchable: true }, 0x1000)
+        .unwrap();
+    c.add_bar(1, BarKind::Io, 0x20).unwrap();
+    c.add_bar(
+        2,
+        BarKind::Memory64 {
+            prefetchable: false,
+        },
+        0x1000,
+    )
+    .unwrap();
+    c.add_capability(cap_id::VENDOR_SPECIFIC, &[6, 1, 2, 3], &[0, 0xff])
+        .unwrap();
+    c.add_msix(&msix).unwrap();
+    c.add_ext_capability(ext_cap_id::VNDR, 1, &[0; 12], &[0xff; 4])
+        .unwrap();
+    c
+}
+
+#[test]
+fn every_aligned_width_reads_the_same_bytes() {
+    let c = full_function();
+    let mut all = vec![0u8; 4096];
+    for off in (0..4096u16).step_by(4) {
+        c.read(off, &mut all[off as usize..off as usize + 4]);
+    }
+    for len in [1usize, 2, 4] {
+        for off in (0..4096u16).step_by(len) {
+            let mut d = [0u8; 4];
+            c.read(off, &mut d[..len]);
+            assert_eq!(
+                d[..len],
+                all[off as usize..off as usize + len],
+                "{off:#x}/{len}"
+            );
+        }
+    }
+    assert_eq!(c.stats().bad_accesses, 0);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+    /// A dword write equals its four byte writes, and read-only bytes (identity, capability
+    /// headers, MSI-X table location) never change, whatever the guest writes at any width.
+    #[test]
+    fn writes_at_any_width_respect_read_only_bytes(
+        writes in proptest::collection::vec((0u16..1024, 0usize..3, proptest::prelude::any::<u32>()), 1..64)
+    ) {
+        let mut a = full_function();
+        let mut b = full_function();
+        let ro: Vec<u16> = (0..4)
+            .chain(8..0x0c)
+            .chain(0x40..0x43)
+            .chain(0x48..0x4a)
+            .chain(0x4c..0x54)
+            .chain(0x100..0x104)
+            .collect();
+        let before: Vec<u8> = ro.iter().map(|&o| a.get_u8(o)).collect();
+        for (off, w, v) in writes {
+            let len = [1usize, 2, 4][w];
+            let off = off / len as u16 * len as u16;
+            let bytes = v.to_le_bytes();
+            a.write(off, &bytes[..len]);
+            for i in 0..len {
+                b.write(off + i as u16, &bytes[i..i + 1]);
+            }
+        }
+        let after: Vec<u8> = ro.iter().map(|&o| a.get_u8(o)).collect();
+        proptest::prop_assert_eq!(before, after);
+        for off in (0..4096u16).step_by(4) {
+            proptest::prop_assert_eq!(a.get_u32(off), b.get_u32(off), "{:#x}", off);
+        }
+        proptest::prop_assert_eq!(a.capabilities(), b.capabilities());
+    }
+}
