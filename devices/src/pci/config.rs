@@ -177,6 +177,24 @@ impl ConfigSpace {
         }
     }
 
+    /// The register bytes, for snapshots (masks and layout are rebuilt by the device model).
+    pub fn state(&self) -> Vec<u8> {
+        self.regs.to_vec()
+    }
+
+    /// Restore register bytes saved by [`ConfigSpace::state`] from a function with the same
+    /// layout; the MSI-X message control is re-applied to the [`Msix`].
+    pub fn restore(&mut self, regs: &[u8]) -> Result<(), PciError> {
+        if regs.len() != self.regs.len() {
+            return Err(PciError::StateSize(regs.len()));
+        }
+        self.regs.copy_from_slice(regs);
+        if let Some((cap, msix)) = &self.msix {
+            msix.set_control(self.get_u16(cap + 2));
+        }
+        Ok(())
+    }
+
     /// Counters.
     pub fn stats(&self) -> ConfigStats {
         ConfigStats {

@@ -57,7 +57,7 @@ pub mod msix;
 pub mod root;
 
 pub use config::{ConfigSpace, ConfigStats, PciHeader};
-pub use msix::{Msix, MsixConfig, MsixStats, MsixVector};
+pub use msix::{Msix, MsixConfig, MsixState, MsixStats, MsixVector};
 pub use root::{PciConfigIo, PciEcam, PciRoot, PciStats};
 
 #[cfg(test)]
@@ -269,6 +269,9 @@ pub enum PciError {
     /// A second MSI-X capability.
     #[error("MSI-X already added")]
     MsixTwice,
+    /// A saved configuration space of the wrong size.
+    #[error("saved config space has {0} bytes")]
+    StateSize(usize),
     /// Bad MSI-X layout (vector count 1..=2048, 8-byte aligned table and PBA, inside a BAR).
     #[error("bad MSI-X layout: {0}")]
     MsixLayout(&'static str),

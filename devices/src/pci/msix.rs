@@ -82,6 +82,20 @@ impl MsixConfig {
     }
 }
 
+/// Saved MSI-X state (for snapshots): enable, function mask, table entries
+/// (`[address low, address high, data, vector control]`) and pending bits.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixState {
+    /// MSI-X enable.
+    pub enabled: bool,
+    /// Function mask.
+    pub function_mask: bool,
+    /// Table entries.
+    pub table: Vec<[u32; 4]>,
+    /// Pending bits, 64 vectors per word.
+    pub pending: Vec<u64>,
+}
+
 /// Counters of an MSI-X function.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsixStats {
@@ -245,6 +259,56 @@ impl Msix {
         s.function_mask = false;
         s.table.fill(Entry::RESET);
         s.pending.fill(0);
+    }
+
+    /// The state, for snapshots.
+    pub fn state(&self) -> MsixState {
+        let s = self.lock();
+        MsixState {
+            enabled: s.enabled,
+            function_mask: s.function_mask,
+            table: s
+                .table
+                .iter()
+                .map(|e| [e.addr_lo, e.addr_hi, e.data, e.ctrl])
+                .collect(),
+            pending: s.pending.clone(),
+        }
+    }
+
+    /// Restore a snapshot taken from a function with the same vector count; republishes the
+    /// routes of irqfd-backed vectors. Nothing is delivered (pending bits stay pending until the
+    /// guest's next unmask).
+    pub fn restore(&self, state: &MsixState) -> Result<(), PciError> {
+        let mut s = self.lock();
+        if state.table.len() != s.table.len() || state.pending.len() != s.pending.len() {
+            return Err(PciError::MsixLayout(
+                "snapshot has a different vector count",
+            ));
+        }
+        s.enabled = state.enabled;
+        s.function_mask = state.function_mask;
+        for (e, &[addr_lo, addr_hi, data, ctrl]) in s.table.iter_mut().zip(&state.table) {
+            *e = Entry {
+                addr_lo: addr_lo & !0x3,
+                addr_hi,
+                data,
+                ctrl: ctrl & MSIX_VECTOR_CTRL_MASK,
+            };
+        }
+        s.pending.copy_from_slice(&state.pending);
+        let routes: Vec<(u32, MsiMessage)> = s
+            .irqfds
+            .iter()
+            .zip(&s.table)
+            .filter_map(|(i, e)| i.as_ref().map(|i| (i.gsi, e.message())))
+            .collect();
+        for (gsi, msg) in routes {
+            if self.0.sink.set_route(gsi, Some(msg)).is_err() {
+                s.stats.delivery_errors += 1;
+            }
+        }
+        Ok(())
     }
 
     /// Deliver `vector` through `fd` (an eventfd the caller registered as a KVM irqfd for `gsi`)

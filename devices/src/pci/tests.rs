@@ -859,3 +859,30 @@ proptest::proptest! {
         proptest::prop_assert_eq!(a.capabilities(), b.capabilities());
     }
 }
+
+#[test]
+fn config_and_msix_state_round_trip() {
+    let (sink, msix, mut c, cap) = msix_setup(4);
+    program_entry(&msix, 1, 0x51);
+    wr(&mut c, cap + 2, 2, 0x8000);
+    msix.signal(1).unwrap(); // masked: pending
+    wr(&mut c, 0x3c, 1, 0x0b);
+    let (cfg_state, msix_state) = (c.state(), msix.state());
+
+    let (sink2, msix2, mut c2, _) = msix_setup(4);
+    c2.restore(&cfg_state).unwrap();
+    msix2.restore(&msix_state).unwrap();
+    assert_eq!(c2.state(), cfg_state);
+    assert_eq!(msix2.state(), msix_state);
+    assert!(msix2.enabled() && msix2.pending(1));
+    assert!(sink2.sent().is_empty());
+    unmask(&msix2, 1, false);
+    assert_eq!(sink2.vectors(), [0x51]);
+    assert!(sink.sent().is_empty());
+
+    assert_eq!(c2.restore(&[0; 16]), Err(PciError::StateSize(16)));
+    let (_, small, _, _) = msix_setup(1);
+    let mut big = msix_state.clone();
+    big.table.push([0; 4]);
+    assert!(small.restore(&big).is_err());
+}
