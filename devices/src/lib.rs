@@ -6,6 +6,9 @@
 //!   [`BusDevice`]s; [`IoBuses`] plugs both into the vCPU run loop
 //!   ([`vmkit_vcpu::IoHandler`]). Unclaimed accesses are counted and read as all-ones.
 //! * [`interrupt`] — the [`InterruptSource`] handle a device receives instead of the VM.
+//! * [`ioapic`] — a userspace I/O APIC (24 pins, edge/level, remote IRR, EOI) for KVM's split
+//!   irqchip, delivering MSI messages.
+//! * [`kvm_irq`] — split irqchip setup, the GSI routing table, `KVM_SIGNAL_MSI` and irqfds.
 //! * [`msi`] — MSI messages (SDM §11.11 encode/decode) and the [`msi::MsiSink`] they go to.
 //! * [`pci`] — the [`pci::PciFunction`] trait, type-0 config space, MSI-X, and the root bus
 //!   (0xCF8/0xCFC and ECAM) that maps BARs on the buses.
