@@ -158,11 +158,11 @@ pub struct Topology {
     pub nr_vcpus: u32,
 }
 
-fn find<'a>(
-    entries: &'a mut [kvm_cpuid_entry2],
+fn find(
+    entries: &mut [kvm_cpuid_entry2],
     leaf: u32,
     subleaf: u32,
-) -> Option<&'a mut kvm_cpuid_entry2> {
+) -> Option<&mut kvm_cpuid_entry2> {
     entries.iter_mut().find(|e| {
         e.function == leaf && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == subleaf)
     })
@@ -295,7 +295,7 @@ fn normalize(entries: &mut Vec<kvm_cpuid_entry2>, topo: Topology, sig: &[u8]) {
         .map_or(0, |e| e.eax);
     for leaf in [0xb, 0x1f] {
         let present = entries.iter().any(|e| e.function == leaf);
-        if !present && !(leaf == 0xb && max_basic >= 0xb) {
+        if !(present || (leaf == 0xb && max_basic >= 0xb)) {
             continue;
         }
         entries.retain(|e| e.function != leaf);
