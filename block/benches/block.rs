@@ -1,6 +1,7 @@
 //! 4 KiB random reads and writes through the device model (harness queue, images on tmpfs)
 //! against a plain `pread`/`pwrite` loop of the same pattern (the limit), sync and io_uring
-//! engines, raw and qcow2. After criterion's groups, a fixed-size run prints the ratios.
+//! engines, raw and qcow2. After criterion's groups, an interleaved run prints the ratios
+//! (median batch times).
 
 use std::hint::black_box;
 use std::os::unix::fs::FileExt;
@@ -159,21 +160,28 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-/// Requests per second of a fixed run, best of three.
-fn rate(v: Variant, write: bool) -> f64 {
-    let mut rig = Rig::new(v);
-    let mut best = f64::MAX;
-    for _ in 0..3 {
-        let batches = 300;
-        let t: Duration = (0..batches).map(|_| rig.batch(v, write)).sum();
-        best = best.min(t.as_secs_f64() / (batches * BATCH) as f64);
+/// Requests per second of each variant, measured interleaved (one batch of each in turn, so a
+/// noisy neighbour hits all alike) and taken as the median batch time.
+fn rates(write: bool) -> Vec<f64> {
+    let mut rigs: Vec<Rig> = VARIANTS.iter().map(|(v, _)| Rig::new(*v)).collect();
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); VARIANTS.len()];
+    for _ in 0..600 {
+        for (i, (v, _)) in VARIANTS.iter().enumerate() {
+            times[i].push(rigs[i].batch(*v, write));
+        }
     }
-    1.0 / best
+    times
+        .iter_mut()
+        .map(|t| {
+            t.sort();
+            BATCH as f64 / t[t.len() / 2].as_secs_f64()
+        })
+        .collect()
 }
 
 fn ratios() {
     for (write, name) in [(false, "read"), (true, "write")] {
-        let r: Vec<f64> = VARIANTS.iter().map(|(v, _)| rate(*v, write)).collect();
+        let r = rates(write);
         println!(
             "4k random {name}: limit {:.0} req/s | raw sync {:.0} ({:.2}x limit) | raw io_uring {:.0} ({:.2}x limit) | qcow2 sync {:.0} ({:.2}x raw sync)",
             r[0],

@@ -5,8 +5,7 @@
 
 use std::os::fd::RawFd;
 
-use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestMemory, Permissions};
+use vm_memory::GuestMemory;
 
 use crate::defs::*;
 use crate::image::{DiskImage, ImageError};
@@ -44,25 +43,9 @@ pub(crate) fn guest_iovecs<M: GuestMemory + ?Sized>(
     device_writes: bool,
     out: &mut Vec<libc::iovec>,
 ) -> Result<(), ExecError> {
-    let perm = if device_writes {
-        Permissions::Write
-    } else {
-        Permissions::Read
-    };
     for s in segs {
-        let slices = mem
-            .get_slices(s.addr, s.len as usize, perm)
-            .map_err(|_| ExecError::Memory)?;
-        for slice in slices {
-            let slice = slice.map_err(|_| ExecError::Memory)?;
-            if device_writes {
-                slice.bitmap().mark_dirty(0, slice.len());
-            }
-            let guard = slice.ptr_guard_mut();
-            out.push(libc::iovec {
-                iov_base: guard.as_ptr().cast(),
-                iov_len: slice.len(),
-            });
+        if !crate::guest::iovecs(mem, s.addr, s.len as usize, device_writes, out) {
+            return Err(ExecError::Memory);
         }
     }
     Ok(())
@@ -230,8 +213,9 @@ impl SyncExecutor {
                         break;
                     };
                     let n = src.len().min(s.len as usize);
-                    mem.write_slice(src.get(..n).unwrap_or(&[]), s.addr)
-                        .map_err(|_| ExecError::Memory)?;
+                    if !crate::guest::write(mem, src.get(..n).unwrap_or(&[]), s.addr) {
+                        return Err(ExecError::Memory);
+                    }
                     written += n;
                 }
                 inc(&metrics.get_ids);
@@ -280,8 +264,9 @@ fn scatter<M: GuestMemory + ?Sized>(
     for s in segs {
         let end = pos + s.len as usize;
         let part = buf.get(pos..end).ok_or(ExecError::Memory)?;
-        mem.write_slice(part, s.addr)
-            .map_err(|_| ExecError::Memory)?;
+        if !crate::guest::write(mem, part, s.addr) {
+            return Err(ExecError::Memory);
+        }
         pos = end;
     }
     Ok(())
@@ -297,8 +282,9 @@ fn gather<M: GuestMemory + ?Sized>(
     for s in segs {
         let end = pos + s.len as usize;
         let part = buf.get_mut(pos..end).ok_or(ExecError::Memory)?;
-        mem.read_slice(part, s.addr)
-            .map_err(|_| ExecError::Memory)?;
+        if !crate::guest::read(mem, part, s.addr) {
+            return Err(ExecError::Memory);
+        }
         pos = end;
     }
     Ok(())
@@ -312,7 +298,7 @@ pub(crate) fn finish<M: GuestMemory + ?Sized>(
     used_len: u32,
     metrics: &BlockMetrics,
 ) -> Outcome {
-    if mem.write_slice(&[status], status_addr).is_err() {
+    if !crate::guest::write(mem, &[status], status_addr) {
         inc(&metrics.memory_errors);
         return Outcome {
             status,

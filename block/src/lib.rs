@@ -5,7 +5,9 @@
 
 pub mod config;
 pub mod defs;
+pub mod device;
 pub mod exec;
+mod guest;
 pub mod image;
 pub mod metrics;
 pub mod persist;
@@ -15,3 +17,8 @@ pub mod request;
 pub mod test_utils;
 pub mod uring;
 pub mod worker;
+
+pub use config::BlockConfig;
+pub use device::{Block, BlockError};
+pub use image::DiskImage;
+pub use worker::EngineKind;

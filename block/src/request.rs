@@ -14,7 +14,7 @@ use std::ops::Deref;
 
 use virtio_queue::DescriptorChain;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
+use vm_memory::{Address, GuestAddress, GuestMemory, Permissions};
 
 use crate::defs::*;
 
@@ -307,7 +307,7 @@ pub fn parse_descriptors<M: GuestMemory + ?Sized>(
     if last.len() < 1 {
         return Err(reject(None, RequestError::StatusTooShort));
     }
-    if !mem.check_range(last.addr(), 1, Permissions::Write) {
+    if !crate::guest::check(mem, last.addr(), 1, Permissions::Write) {
         return Err(reject(None, RequestError::StatusOutsideMemory));
     }
     let status_addr = last.addr();
@@ -324,7 +324,7 @@ pub fn parse_descriptors<M: GuestMemory + ?Sized>(
         return fail(RequestError::HeaderTooShort);
     }
     let mut hdr = [0u8; VIRTIO_BLK_REQ_HDR_SIZE as usize];
-    if mem.read_slice(&mut hdr, first.addr()).is_err() {
+    if !crate::guest::read(mem, &mut hdr, first.addr()) {
         return fail(RequestError::HeaderOutsideMemory);
     }
     let req_type = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
@@ -424,7 +424,7 @@ fn data_segments<M: GuestMemory + ?Sized>(
         if d.len() > cfg.size_max {
             return Err(RequestError::SegmentTooLarge);
         }
-        if !mem.check_range(d.addr(), d.len() as usize, perm) {
+        if !crate::guest::check(mem, d.addr(), d.len() as usize, perm) {
             return Err(RequestError::DataOutsideMemory);
         }
         out.push(DataSegment {
@@ -460,8 +460,9 @@ fn discard_segments<M: GuestMemory + ?Sized>(
                 .checked_add(u64::from(i * VIRTIO_BLK_DISCARD_WRITE_ZEROES_SIZE))
                 .ok_or(RequestError::DataOutsideMemory)?;
             let mut raw = [0u8; VIRTIO_BLK_DISCARD_WRITE_ZEROES_SIZE as usize];
-            mem.read_slice(&mut raw, addr)
-                .map_err(|_| RequestError::DataOutsideMemory)?;
+            if !crate::guest::read(mem, &mut raw, addr) {
+                return Err(RequestError::DataOutsideMemory);
+            }
             let sector = u64::from_le_bytes([
                 raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
             ]);

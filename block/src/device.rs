@@ -1,0 +1,285 @@
+//! The virtio-blk device: [`Block`] implements `vmkit_virtio::VirtioDevice`.
+//!
+//! Queue notifications run [`QueueWorker::process`] on the notified queue; with the io_uring
+//! engine, the VMM also watches each queue's completion eventfd ([`Block::completion_fds`]) and
+//! calls [`Block::process_completions`]. When the rate limiter stops a queue the VMM calls
+//! [`Block::retry_throttled`] after [`Block::throttled_for`].
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use vm_memory::{GuestMemory, GuestMemoryMmap};
+use vmkit_virtio::{Activation, DeviceError, InterruptCause, VirtioDevice};
+
+use crate::config::BlockConfig;
+use crate::defs::*;
+use crate::image::DiskImage;
+use crate::metrics::{BlockMetrics, BlockMetricsSnapshot};
+use crate::persist::{BlockState, QueueSnapshot};
+use crate::rate_limiter::RateLimiter;
+use crate::worker::{BlockShared, Pass, QueueWorker, WorkerError};
+
+/// Errors building a block device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The configuration is unusable.
+    #[error("invalid block device configuration: {0}")]
+    Config(&'static str),
+    /// Creating an execution engine failed.
+    #[error("engine setup failed")]
+    Engine(#[source] WorkerError),
+}
+
+/// A virtio-blk device over a [`DiskImage`].
+///
+/// ```
+/// use vmkit_block::{Block, config::BlockConfig, image::RawImage};
+/// use vmkit_block::defs::*;
+/// use vmkit_virtio::test_utils::{Desc, DriverHarness};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let img = RawImage::create(&dir.path().join("d.raw"), 1 << 20).unwrap();
+/// let mut h = DriverHarness::new(Block::new(Box::new(img), BlockConfig::default()).unwrap());
+/// h.activate(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_BLK_F_FLUSH).unwrap();
+///
+/// // OUT: header (type, reserved, sector), 512 bytes of data, status.
+/// let mut hdr = VIRTIO_BLK_T_OUT.to_le_bytes().to_vec();
+/// hdr.extend_from_slice(&[0; 4]);
+/// hdr.extend_from_slice(&2u64.to_le_bytes());
+/// let c = h
+///     .add_chain(0, &[Desc::Readable(hdr), Desc::Readable(vec![7; 512]), Desc::Writable(1)])
+///     .unwrap();
+/// h.kick(0);
+/// assert_eq!(h.used(0), [(c.head, 1)]);
+/// assert_eq!(h.read_buffer(&c.buffers[2]), [VIRTIO_BLK_S_OK as u8]);
+/// assert_eq!(h.device().metrics().writes, 1);
+/// ```
+pub struct Block<M = GuestMemoryMmap> {
+    config: BlockConfig,
+    features: u64,
+    config_space: [u8; VIRTIO_BLK_CONFIG_SIZE],
+    queue_sizes: Vec<u16>,
+    capacity: u64,
+    image_read_only: bool,
+    shared: BlockShared,
+    workers: Vec<QueueWorker>,
+    active: Option<Activation<M>>,
+    throttled: Option<Duration>,
+}
+
+impl<M> std::fmt::Debug for Block<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("config", &self.config)
+            .field("capacity", &self.capacity)
+            .field("active", &self.active.is_some())
+            .finish()
+    }
+}
+
+impl<M> Block<M> {
+    /// A device serving `disk` as configured.
+    pub fn new(disk: Box<dyn DiskImage>, config: BlockConfig) -> Result<Self, BlockError> {
+        if config.num_queues == 0 {
+            return Err(BlockError::Config("num_queues must be at least 1"));
+        }
+        if config.queue_size == 0 || !config.queue_size.is_power_of_two() {
+            return Err(BlockError::Config("queue_size must be a power of two"));
+        }
+        let image_read_only = disk.read_only();
+        let capacity = disk.size() >> SECTOR_SHIFT;
+        let mut workers = Vec::with_capacity(config.num_queues as usize);
+        for _ in 0..config.num_queues {
+            workers.push(
+                QueueWorker::new(config.engine, &*disk, config.id_bytes())
+                    .map_err(BlockError::Engine)?,
+            );
+        }
+        Ok(Self {
+            features: config.features(image_read_only),
+            config_space: config.config_space(capacity),
+            queue_sizes: vec![config.queue_size; config.num_queues as usize],
+            capacity,
+            image_read_only,
+            shared: BlockShared {
+                parse_cfg: config.parse_config(capacity, 0, image_read_only),
+                disk: Mutex::new(disk),
+                metrics: BlockMetrics::default(),
+                limiter: Mutex::new(RateLimiter::new(config.rate_limiter)),
+            },
+            workers,
+            active: None,
+            throttled: None,
+            config,
+        })
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> BlockMetricsSnapshot {
+        self.shared.metrics.snapshot()
+    }
+
+    /// Disk capacity in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// `(queue, eventfd)` for every queue using io_uring: readable when completions wait.
+    pub fn completion_fds(&self) -> Vec<(u16, RawFd)> {
+        self.workers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| w.uring().map(|u| (i as u16, u.completion_fd().as_raw_fd())))
+            .collect()
+    }
+
+    /// How long until a throttled queue can go on (None: not throttled).
+    pub fn throttled_for(&self) -> Option<Duration> {
+        self.throttled
+    }
+
+    /// The device's image (locked).
+    pub fn disk(&self) -> std::sync::MutexGuard<'_, Box<dyn DiskImage>> {
+        self.shared
+            .disk
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn worker_err(index: u16, e: WorkerError) -> DeviceError {
+    match e {
+        WorkerError::Queue(source) => DeviceError::Queue { index, source },
+        WorkerError::Uring(e) => DeviceError::Backend(e.to_string()),
+    }
+}
+
+impl<M: GuestMemory> Block<M> {
+    fn signal(&self, index: u16, pass: Pass) -> Result<(), DeviceError> {
+        if let (true, Some(a)) = (pass.needs_signal, self.active.as_ref()) {
+            a.interrupt
+                .signal(InterruptCause::Queue(index))
+                .map_err(DeviceError::Interrupt)?;
+        }
+        Ok(())
+    }
+
+    fn run_queue(&mut self, index: u16, completions_only: bool) -> Result<(), DeviceError> {
+        let (Some(a), Some(w)) = (self.active.as_mut(), self.workers.get_mut(index as usize))
+        else {
+            return Ok(());
+        };
+        let Some(q) = a.queues.get_mut(index as usize) else {
+            return Ok(());
+        };
+        if !virtio_queue::QueueT::ready(q) {
+            return Ok(());
+        }
+        let pass = if completions_only {
+            w.complete(q, &a.mem, &self.shared)
+        } else {
+            w.process(q, &a.mem, &self.shared)
+        }
+        .map_err(|e| worker_err(index, e))?;
+        if !completions_only {
+            self.throttled = pass.throttled;
+        }
+        self.signal(index, pass)
+    }
+
+    /// Put finished io_uring requests of queue `index` on its used ring.
+    pub fn process_completions(&mut self, index: u16) -> Result<(), DeviceError> {
+        self.run_queue(index, true)
+    }
+
+    /// Serve every queue again (after [`Block::throttled_for`] elapsed).
+    pub fn retry_throttled(&mut self) -> Result<(), DeviceError> {
+        for i in 0..self.queue_sizes.len() as u16 {
+            self.run_queue(i, false)?;
+        }
+        Ok(())
+    }
+
+    /// Complete every in-flight request (before reset, snapshot or drop).
+    pub fn drain(&mut self) -> Result<(), DeviceError> {
+        let Some(a) = self.active.as_mut() else {
+            return Ok(());
+        };
+        for (i, (w, q)) in self.workers.iter_mut().zip(a.queues.iter_mut()).enumerate() {
+            let pass = w
+                .drain(q, &a.mem, &self.shared)
+                .map_err(|e| worker_err(i as u16, e))?;
+            if pass.needs_signal {
+                a.interrupt
+                    .signal(InterruptCause::Queue(i as u16))
+                    .map_err(DeviceError::Interrupt)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drain, then capture the device state.
+    pub fn save(&mut self) -> Result<BlockState, DeviceError> {
+        self.drain()?;
+        let (acked_features, queues) = match &self.active {
+            Some(a) => (
+                a.acked_features,
+                a.queues.iter().map(QueueSnapshot::from).collect(),
+            ),
+            None => (0, Vec::new()),
+        };
+        Ok(BlockState {
+            config: self.config.clone(),
+            acked_features,
+            queues,
+            metrics: self.metrics(),
+        })
+    }
+}
+
+impl<M> Drop for Block<M> {
+    fn drop(&mut self) {
+        // QueueWorker's io_uring engine waits for its in-flight operations when dropped, before
+        // the activation (and with it the guest memory handle) goes away.
+        self.workers.clear();
+    }
+}
+
+impl<M: GuestMemory + Send> VirtioDevice<M> for Block<M> {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn device_features(&self) -> u64 {
+        self.features
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn config_space(&self) -> &[u8] {
+        &self.config_space
+    }
+
+    fn activate(&mut self, activation: Activation<M>) -> Result<(), DeviceError> {
+        self.shared.parse_cfg = self.config.parse_config(
+            self.capacity,
+            activation.acked_features,
+            self.image_read_only,
+        );
+        self.active = Some(activation);
+        Ok(())
+    }
+
+    fn queue_notify(&mut self, queue: u16) -> Result<(), DeviceError> {
+        self.run_queue(queue, false)
+    }
+
+    fn reset(&mut self) {
+        let _ = self.drain();
+        self.active = None;
+        self.throttled = None;
+    }
+}
