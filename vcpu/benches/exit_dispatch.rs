@@ -81,6 +81,80 @@ fn controlled(vcpu: &mut KvmVcpu, ctl: &mut RunControl, stats: &mut ExitStats, n
     t.elapsed()
 }
 
+/// A vCPU that "exits" with a PIO write at once: the VMM-side dispatch cost alone.
+struct Synthetic {
+    buf: [u8; 4],
+}
+
+impl vmkit_vcpu::VcpuRun for Synthetic {
+    #[inline]
+    fn run(&mut self) -> Result<vmkit_vcpu::VcpuExit<'_>, vmkit_vcpu::Error> {
+        Ok(vmkit_vcpu::VcpuExit::PioWrite {
+            port: 0x80,
+            data: &self.buf[..1],
+        })
+    }
+}
+
+impl vmkit_vcpu::VcpuInterruptWindow for Synthetic {
+    fn interrupt_window_open(&mut self) -> bool {
+        false
+    }
+    fn request_interrupt_window(&mut self, _: bool) {}
+    fn inject_external_interrupt(&mut self, _: u8) -> Result<(), vmkit_vcpu::Error> {
+        Ok(())
+    }
+}
+
+impl vmkit_vcpu::control::VcpuKick for Synthetic {
+    fn immediate_exit_ptr(&mut self) -> *mut u8 {
+        &mut self.buf[3]
+    }
+}
+
+fn synthetic(c: &mut Criterion) {
+    let mut v = Synthetic { buf: [0; 4] };
+    let mut stats = ExitStats::default();
+    let mut ctl = RunControl::new().expect("control");
+    let mut group = c.benchmark_group("dispatch_no_kvm");
+    group.bench_function("bare_match", |b| {
+        b.iter_custom(|n| {
+            let t = Instant::now();
+            for _ in 0..n {
+                if let Ok(vmkit_vcpu::VcpuExit::PioWrite { port, data }) =
+                    vmkit_vcpu::VcpuRun::run(black_box(&mut v))
+                {
+                    black_box((port, data));
+                }
+            }
+            t.elapsed()
+        })
+    });
+    group.bench_function("run_until_exit_with_stats", |b| {
+        b.iter_custom(|n| {
+            let io = Counter {
+                left: Cell::new(n),
+                stop: StopHandle::new(),
+            };
+            let t = Instant::now();
+            run_until_exit(black_box(&mut v), &io, &io.stop, &mut stats).expect("run");
+            t.elapsed()
+        })
+    });
+    group.bench_function("run_controlled_with_stats", |b| {
+        b.iter_custom(|n| {
+            let io = Counter {
+                left: Cell::new(n),
+                stop: StopHandle::new(),
+            };
+            let t = Instant::now();
+            run_controlled(black_box(&mut v), &io, &io.stop, &mut stats, &mut ctl).expect("run");
+            t.elapsed()
+        })
+    });
+    group.finish();
+}
+
 fn per_exit(d: Duration, n: u64) -> f64 {
     d.as_secs_f64() * 1e9 / n as f64
 }
@@ -161,5 +235,5 @@ fn benches(c: &mut Criterion) {
     );
 }
 
-criterion_group!(exit, benches);
+criterion_group!(exit, synthetic, benches);
 criterion_main!(exit);

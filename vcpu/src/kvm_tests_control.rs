@@ -1,8 +1,6 @@
 //! KVM tests of exits (hypercall, debug, internal error, shutdown), pause/resume and the CPU
 //! cap (tiny guests; names start with `kvm_`).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::*;
@@ -215,7 +213,6 @@ fn kvm_paused_vcpu_stops_and_resumes() {
 fn kvm_capped_vcpu_uses_roughly_its_budget() {
     const FRACTION: f64 = 0.25;
     const SPIN: Duration = Duration::from_secs(2);
-    let done = Arc::new(AtomicBool::new(false));
     let stop = StopHandle::new();
     let stop2 = stop.clone();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -240,7 +237,6 @@ fn kvm_capped_vcpu_uses_roughly_its_budget() {
     std::thread::sleep(SPIN);
     stop.request(0);
     handle.kick();
-    done.store(true, Ordering::Release);
     let (out, cpu, wall, throttled) = vcpu_thread.join().unwrap();
     assert_eq!(out, RunOutcome::Stopped(0));
     let share = cpu.as_secs_f64() / wall.as_secs_f64();
