@@ -505,3 +505,40 @@ fn harness_works_on_caller_memory() {
         }
     );
 }
+
+#[test]
+fn looping_chain_is_cut_and_out_of_range_head_needs_reset() {
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use vm_memory::Bytes;
+    let mut h = DriverHarness::new(Rng::new(Counter(0)));
+    h.activate(V1).unwrap();
+    let l = crate::test_utils::ring_layout(0, 256);
+    // Descriptor 5 chains to itself forever: the chain's TTL (queue size) ends it.
+    let d = SplitDescriptor::new(
+        0x200_0000,
+        4,
+        (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
+        5,
+    );
+    h.mem()
+        .write_obj(RawDescriptor::from(d), GuestAddress(l.desc.0 + 16 * 5))
+        .unwrap();
+    // Avail ring: head 5, then a head beyond the table (1000).
+    h.mem()
+        .write_obj(5u16, GuestAddress(l.avail.0 + 4))
+        .unwrap();
+    h.mem()
+        .write_obj(1000u16, GuestAddress(l.avail.0 + 6))
+        .unwrap();
+    h.mem()
+        .write_obj(2u16, GuestAddress(l.avail.0 + 2))
+        .unwrap();
+    h.kick(0);
+    // The loop is cut after `size` descriptors; the out-of-range head cannot be returned on
+    // the used ring (virtio-queue refuses it), so the device reports the corrupt ring:
+    // DEVICE_NEEDS_RESET. No hang, no panic.
+    assert_eq!(h.used(0), [(5, 256 * 4)]);
+    assert_eq!(h.status() & STATUS_NEEDS_RESET, STATUS_NEEDS_RESET);
+    assert_eq!(h.transport().metrics().device_errors, 1);
+}
