@@ -24,3 +24,4 @@ pub mod ioapic;
 pub mod pci;
 pub mod paging;
 pub mod vcpu;
+pub mod virtio;
