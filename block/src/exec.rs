@@ -1,7 +1,8 @@
 //! Synchronous execution of a parsed [`Request`] against a [`DiskImage`].
 //!
 //! Reads and writes of raw images go straight between the file and guest memory
-//! (`preadv`/`pwritev` on the guest's buffers); other formats go through a bounce buffer.
+//! (`preadv`/`pwritev` on the guest's buffers); other formats go through a bounce buffer, one
+//! data segment at a time (so it never exceeds `size_max`).
 
 use std::os::fd::RawFd;
 
@@ -171,10 +172,17 @@ impl SyncExecutor {
                         return Err(ExecError::Short);
                     }
                 } else {
-                    self.bounce.resize(len as usize, 0);
-                    disk.read_at(&mut self.bounce, offset)
-                        .map_err(ExecError::Image)?;
-                    scatter(mem, data, &self.bounce)?;
+                    // Segment by segment: the bounce buffer never exceeds `size_max`.
+                    let mut off = offset;
+                    for s in data {
+                        self.bounce.resize(s.len as usize, 0);
+                        disk.read_at(&mut self.bounce, off)
+                            .map_err(ExecError::Image)?;
+                        if !crate::guest::write(mem, &self.bounce, s.addr) {
+                            return Err(ExecError::Memory);
+                        }
+                        off += u64::from(s.len);
+                    }
                 }
                 inc(&metrics.reads);
                 add(&metrics.read_bytes, len);
@@ -192,10 +200,15 @@ impl SyncExecutor {
                         return Err(ExecError::Short);
                     }
                 } else {
-                    self.bounce.resize(len as usize, 0);
-                    gather(mem, data, &mut self.bounce)?;
-                    disk.write_at(&self.bounce, offset)
-                        .map_err(ExecError::Image)?;
+                    let mut off = offset;
+                    for s in data {
+                        self.bounce.resize(s.len as usize, 0);
+                        if !crate::guest::read(mem, &mut self.bounce, s.addr) {
+                            return Err(ExecError::Memory);
+                        }
+                        disk.write_at(&self.bounce, off).map_err(ExecError::Image)?;
+                        off += u64::from(s.len);
+                    }
                 }
                 inc(&metrics.writes);
                 add(&metrics.write_bytes, len);
@@ -250,42 +263,6 @@ fn run_segments(
             s.unmap,
         )
         .map_err(ExecError::Image)?;
-    }
-    Ok(())
-}
-
-/// Copy `buf` into the guest segments in order.
-fn scatter<M: GuestMemory + ?Sized>(
-    mem: &M,
-    segs: &[DataSegment],
-    buf: &[u8],
-) -> Result<(), ExecError> {
-    let mut pos = 0usize;
-    for s in segs {
-        let end = pos + s.len as usize;
-        let part = buf.get(pos..end).ok_or(ExecError::Memory)?;
-        if !crate::guest::write(mem, part, s.addr) {
-            return Err(ExecError::Memory);
-        }
-        pos = end;
-    }
-    Ok(())
-}
-
-/// Copy the guest segments into `buf` in order.
-fn gather<M: GuestMemory + ?Sized>(
-    mem: &M,
-    segs: &[DataSegment],
-    buf: &mut [u8],
-) -> Result<(), ExecError> {
-    let mut pos = 0usize;
-    for s in segs {
-        let end = pos + s.len as usize;
-        let part = buf.get_mut(pos..end).ok_or(ExecError::Memory)?;
-        if !crate::guest::read(mem, part, s.addr) {
-            return Err(ExecError::Memory);
-        }
-        pos = end;
     }
     Ok(())
 }
