@@ -196,6 +196,16 @@ where
         }
     }
 
+    /// `DeviceFeaturesSel` as last written.
+    pub fn device_features_select(&self) -> u32 {
+        self.device_features_select
+    }
+
+    /// `DriverFeaturesSel` as last written.
+    pub fn driver_features_select(&self) -> u32 {
+        self.driver_features_select
+    }
+
     /// Select which 32 device feature bits [`Self::device_features`] returns.
     pub fn set_device_features_select(&mut self, select: u32) {
         self.device_features_select = select;
@@ -329,9 +339,7 @@ where
 
     /// Reset: the device and every queue return to their initial state.
     pub fn reset(&mut self) {
-        if self.activated {
-            self.activated = false;
-        }
+        self.activated = false;
         self.device.reset();
         self.status = 0;
         self.device_features_select = 0;

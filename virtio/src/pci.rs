@@ -359,9 +359,9 @@ where
         };
         let c = &self.core;
         let v: u64 = match f {
-            DeviceFeatureSelect => 0, // write-only in practice; reads back 0
+            DeviceFeatureSelect => c.device_features_select() as u64,
             DeviceFeature => c.device_features() as u64,
-            DriverFeatureSelect => 0,
+            DriverFeatureSelect => c.driver_features_select() as u64,
             DriverFeature => c.driver_features() as u64,
             ConfigMsixVector => self.vectors.config.load(Ordering::Acquire) as u64,
             NumQueues => c.num_queues() as u64,

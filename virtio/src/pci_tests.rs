@@ -217,6 +217,10 @@ fn common_cfg_decode_table() {
 fn rng_over_pci_with_msix_and_isr() {
     let mut p = Pci::new();
     assert_eq!(p.rd(0x12, 2), 1); // num_queues
+    p.wr(0x00, 4, 1);
+    assert_eq!((p.rd(0x00, 4), p.rd(0x04, 4)), (1, 1)); // select reads back; VERSION_1
+    p.wr(0x00, 4, 0);
+    assert_eq!(p.rd(0x04, 4), 1 << VIRTIO_RING_F_EVENT_IDX);
     p.wr(0x16, 2, 0);
     assert_eq!(p.rd(0x18, 2), 256); // max size before the driver sets it
     p.msix_program(1, 0x45);
