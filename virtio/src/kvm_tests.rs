@@ -369,3 +369,98 @@ fn kvm_msix_reaches_guest() {
     let used_len: u32 = mem.read_obj(GuestAddress(USED + 8)).unwrap();
     assert_eq!((used_idx, used_len), (1, 16));
 }
+
+/// The plain-exit fallback end to end: a guest drives virtio-rng over virtio-mmio, its
+/// `QueueNotify` write traps to the transport (no ioeventfd), the device fills the buffer and
+/// raises its line; the guest polls the used ring, reads `InterruptStatus` and reports both.
+#[test]
+fn kvm_mmio_trapped_notify() {
+    use vmkit_devices::interrupt::RecordingInterrupt;
+
+    use crate::mmio::{MMIO_WINDOW_SIZE, MmioTransport};
+    const BASE: u64 = 0xd000_0000;
+    let mut g = TinyGuest::new(|a| {
+        a.mov(rsi, BASE)?;
+        let w = |a: &mut CodeAssembler, off: i32, v: u32| a.mov(dword_ptr(rsi + off), v);
+        w(a, 0x70, 1)?; // ACKNOWLEDGE
+        w(a, 0x70, 3)?; // DRIVER
+        w(a, 0x24, 1)?; // DriverFeaturesSel = 1
+        w(a, 0x20, 1)?; // VIRTIO_F_VERSION_1
+        w(a, 0x70, 0xb)?; // FEATURES_OK
+        w(a, 0x30, 0)?; // QueueSel
+        w(a, 0x38, 16)?; // QueueNum
+        for (off, addr) in [(0x80, DESC), (0x90, AVAIL), (0xa0, USED)] {
+            w(a, off, addr as u32)?;
+            w(a, off + 4, 0)?;
+        }
+        w(a, 0x44, 1)?; // QueueReady
+        w(a, 0x70, 0xf)?; // DRIVER_OK
+        a.mov(rdi, DESC)?;
+        a.mov(rax, BUF)?;
+        a.mov(qword_ptr(rdi), rax)?;
+        a.mov(dword_ptr(rdi + 8), 16u32)?;
+        a.mov(word_ptr(rdi + 12), 2u32)?; // VRING_DESC_F_WRITE
+        a.mov(rdi, AVAIL)?;
+        a.mov(word_ptr(rdi + 4), 0u32)?;
+        a.mov(word_ptr(rdi + 2), 1u32)?;
+        w(a, 0x50, 0)?; // QueueNotify: traps
+        let mut again = a.create_label();
+        let mut done = a.create_label();
+        a.mov(rdi, USED)?;
+        a.mov(ecx, 10_000u32)?;
+        a.set_label(&mut again)?;
+        a.cmp(word_ptr(rdi + 2), 1)?;
+        a.jae(done)?;
+        a.dec(ecx)?;
+        a.jnz(again)?;
+        a.set_label(&mut done)?;
+        a.mov(eax, dword_ptr(rsi + 0x60))?; // InterruptStatus
+        a.out(0x84, al)?;
+        a.mov(dword_ptr(rsi + 0x64), eax)?; // InterruptACK
+        a.mov(eax, dword_ptr(rdi + 8))?; // used[0].len
+        a.out(DEBUG_EXIT as i32, al)
+    })
+    .unwrap();
+    let irq = Arc::new(RecordingInterrupt::default());
+    let t = Arc::new(Mutex::new(MmioTransport::new(
+        Rng::default(),
+        g.mem.clone(),
+        irq.clone(),
+    )));
+    let buses = Arc::new(IoBuses::default());
+    let stop = StopHandle::new();
+    let log = Out::default();
+    buses
+        .mmio
+        .insert(BASE, MMIO_WINDOW_SIZE, "virtio-rng", t.clone())
+        .unwrap();
+    buses
+        .pio
+        .insert(
+            0x84,
+            1,
+            "report",
+            Arc::new(Serial::new(Arc::new(NoInterrupt), log.clone())),
+        )
+        .unwrap();
+    buses
+        .pio
+        .insert(
+            DEBUG_EXIT as u64,
+            1,
+            "exit",
+            Arc::new(DebugExit::new(stop.clone())),
+        )
+        .unwrap();
+    let mut stats = ExitStats::default();
+    let r = vmkit_vcpu::run_until_exit(&mut g.vcpu, &*buses, &stop, &mut stats).unwrap();
+    let t = t.lock().unwrap();
+    assert_eq!(r, RunOutcome::Stopped(16), "{:?}", t.metrics());
+    assert_eq!(
+        *log.0.lock().unwrap(),
+        [crate::spec::VIRTIO_MMIO_INT_VRING as u8]
+    );
+    assert_eq!((t.metrics().notifies, t.metrics().trapped_notifies), (1, 1));
+    assert_eq!(t.interrupt_status(), 0, "acknowledged by the guest");
+    assert_eq!(irq.count(), 1);
+}

@@ -543,6 +543,28 @@ fn looping_chain_is_cut_and_out_of_range_head_needs_reset() {
     assert_eq!(h.transport().metrics().device_errors, 1);
 }
 
+#[test]
+fn reset_returns_everything_to_the_initial_state() {
+    let (mut h, seen) = dummy();
+    h.activate(V1 | EVENT_IDX).unwrap();
+    h.transport_mut().core_mut().config_changed();
+    h.set_status(0);
+    let c = h.transport().core();
+    assert_eq!(
+        (c.status(), c.acked_features(), c.queue_select()),
+        (0, 0, 0)
+    );
+    assert!(!c.is_activated());
+    assert_eq!(h.read32(0x60), 0, "InterruptStatus cleared");
+    h.write32(0x30, 0);
+    assert_eq!((h.read32(0x38), h.read32(0x44), h.read32(0x80)), (0, 0, 0));
+    assert_eq!(h.read32(0x34), 8, "max size kept");
+    assert_eq!(seen.lock().unwrap().resets, 2); // negotiate's reset and this one
+    // And the device comes up again.
+    h.activate(V1).unwrap();
+    assert_eq!(seen.lock().unwrap().activations, 2);
+}
+
 mod prop {
     use super::*;
     use proptest::prelude::*;
