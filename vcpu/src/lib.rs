@@ -10,6 +10,18 @@
 //! * a run loop ([`run_until_exit`]) that dispatches PIO/MMIO to an [`IoHandler`] (the VMM's
 //!   buses) and returns anything else to the caller, or stops when a [`StopHandle`] fires.
 //!
+//! * a **VMCS model** ([`vmcs`]): the six areas as plain data, SDM field encodings with width
+//!   checks, exit reasons, exit-qualification decoders and the VM-entry guest-state checks —
+//!   mapped onto KVM by [`kvm_map`] / [`kvm_ext`] ([`Vmcs::apply`], [`Vmcs::read_from`]);
+//! * more capability traits: [`VcpuEvents`], [`VcpuMsrs`], [`VcpuExtendedState`],
+//!   [`VcpuInterruptWindow`] (all implemented by [`KvmVcpu`]);
+//! * [`events`]: event injection with VM-entry interruption-information semantics and an
+//!   interrupt queue delivered through interrupt windows;
+//! * [`cpuid`]: CPUID templates (`host`, `minimal`, JSON) normalized per vCPU;
+//! * [`control`]: pause/resume/kick from other threads, per-vCPU CPU-time caps, and
+//!   [`control::run_controlled`];
+//! * [`snapshot`]: versioned vCPU state save/restore.
+//!
 //! The library holds no policy: which ports exist, what to print and when to stop are decided by
 //! the caller.
 //!
