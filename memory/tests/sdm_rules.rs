@@ -289,3 +289,118 @@ fn ept_memory_type_ad_and_bad_eptp() {
         ));
     }
 }
+
+/// The 2-D walk: reference counts (24 for 4/4, 29 for 5/4, fewer with large EPT pages) and the
+/// exit qualification's guest-linear-address bits for each stage (SDM vol. 3C table 28-7).
+#[test]
+fn two_dimensional_walk_refs_and_qualification() {
+    use vmkit_memory::PageSize;
+    use vmkit_memory::nested::{self, NestedError, NestedSetup, RefKind, Stage};
+    let m = mem();
+    // EPT at 0x80_0000: GPA 0..8 MiB identity, 4 KiB pages, the page 0x40_0000 read-only and
+    // guest table page 0x3000 not mapped at all in a second EPT.
+    let mut b = ept::EptBuilder::new(&m, 0x80_0000, 0x40_0000).unwrap();
+    let mut b2_pages = Vec::new();
+    for page in 0..(8u64 << 20) / 0x1000 {
+        let gpa = page * 0x1000;
+        let rights = if gpa == 0x40_0000 {
+            eptf::READ | eptf::EXECUTE
+        } else {
+            eptf::RWX
+        };
+        b.map(gpa, gpa, PageSize::Size4K, rights | eptf::MT_WB)
+            .unwrap();
+        if gpa != 0x3000 {
+            b2_pages.push(gpa);
+        }
+    }
+    let eptp = b.eptp();
+    let mut b2 = ept::EptBuilder::new(&m, 0xC0_0000, 0x30_0000).unwrap();
+    for gpa in b2_pages {
+        b2.map(gpa, gpa, PageSize::Size4K, eptf::RWX | eptf::MT_WB)
+            .unwrap();
+    }
+    let cr3 = chain(
+        &m,
+        4,
+        &[P | W | U, P | W | U, P | W | U, P | W | U],
+        0x40_0000,
+    );
+    let mut setup = NestedSetup {
+        mode: PagingMode::default(),
+        ept: EptConfig::default(),
+        eptp,
+    };
+    let t = nested::walk_2d(&m, &setup, cr3, VA, Access::read().user()).unwrap();
+    assert_eq!((t.hpa, t.refs.len()), (0x40_0000 | (VA & 0xfff), 24));
+    let kinds: Vec<RefKind> = t.refs.as_slice().iter().map(|r| r.kind).collect();
+    assert_eq!(
+        kinds.iter().filter(|&&k| k == RefKind::GuestTable).count(),
+        4
+    );
+    assert_eq!(kinds[4], RefKind::GuestTable); // 4 EPT reads, then the PML4E
+    // A user write to the EPT-read-only page: violation at the final stage, GLA translated, and
+    // the advanced bits describe the linear address (user, writable, not XD).
+    match nested::walk_2d(&m, &setup, cr3, VA, Access::write().user()) {
+        Err(NestedError::Ept {
+            stage: Stage::Final,
+            fault:
+                EptFault::Violation {
+                    qualification,
+                    gla: Some(gla),
+                    ..
+                },
+        }) => {
+            assert_eq!(gla, VA);
+            let q = exit_qual::WRITE
+                | exit_qual::READABLE
+                | exit_qual::EXECUTABLE
+                | exit_qual::GLA_VALID
+                | exit_qual::GLA_TRANSLATED
+                | exit_qual::USER_LINEAR
+                | exit_qual::WRITABLE_LINEAR;
+            assert_eq!(qualification, q);
+        }
+        r => panic!("{r:?}"),
+    }
+    // The PDPT page (GPA 0x3000 … the chain's second table is 0x2000, third 0x3000) unmapped in
+    // EPT: a violation while walking the guest tables, GLA valid but not translated.
+    setup.eptp = b2.eptp();
+    match nested::walk_2d(&m, &setup, cr3, VA, Access::read()) {
+        Err(NestedError::Ept {
+            stage: Stage::GuestTable(2),
+            fault: EptFault::Violation {
+                qualification, gpa, ..
+            },
+        }) => {
+            assert_eq!(gpa, 0x3000 + table_index(VA, 2) * 8);
+            assert_eq!(qualification, exit_qual::READ | exit_qual::GLA_VALID);
+        }
+        r => panic!("{r:?}"),
+    }
+    // With EPT A/D on, guest-table reads count as writes.
+    setup.eptp = b2.eptp() | ept::EPTP_AD;
+    match nested::walk_2d(&m, &setup, cr3, VA, Access::read()) {
+        Err(NestedError::Ept {
+            fault: EptFault::Violation { qualification, .. },
+            ..
+        }) => assert_eq!(qualification, exit_qual::WRITE | exit_qual::GLA_VALID),
+        r => panic!("{r:?}"),
+    }
+    // 5-level guest over 4-level EPT: 5 × 5 + 4 = 29 references.
+    let m5 = mem();
+    let mut b5 = ept::EptBuilder::new(&m5, 0x80_0000, 0x40_0000).unwrap();
+    b5.map_range(0, 0, 8 << 20, PageSize::Size4K, eptf::RWX | eptf::MT_WB)
+        .unwrap();
+    let cr3 = chain(&m5, 5, &[P | W, P | W, P | W, P | W, P | W], 0x40_0000);
+    let setup5 = NestedSetup {
+        mode: PagingMode {
+            la57: true,
+            ..PagingMode::default()
+        },
+        ept: EptConfig::default(),
+        eptp: b5.eptp(),
+    };
+    let t = nested::walk_2d(&m5, &setup5, cr3, VA, Access::read()).unwrap();
+    assert_eq!(t.refs.len(), 29);
+}
