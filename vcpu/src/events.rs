@@ -11,16 +11,55 @@
 //! for an interrupt-window exit, as a VMM sets "interrupt-window exiting" on VMX. Each raised
 //! interrupt is injected exactly once, in order.
 //!
+//! The rules are those of VM entry, so they can be tried on a plain [`Vmcs`]:
+//!
+//! ```
+//! use vmkit_vcpu::Vmcs;
+//! use vmkit_vcpu::events::{InterruptQueue, WindowAction};
+//! use vmkit_vcpu::vmcs::checks::{GuestStateError, check_guest_state};
+//! use vmkit_vcpu::vmcs::InterruptionInfo;
+//!
+//! let mut vmcs = Vmcs::flat_64(0x9000, 0x10_0000, 0x8_0000); // RFLAGS.IF = 0
+//! // #GP with error code 0x18: deliverable.
+//! vmcs.inject(InterruptionInfo::hardware_exception(13), 0x18, 0);
+//! check_guest_state(&vmcs).unwrap();
+//! // An external interrupt while IF = 0 is refused: it must wait for an interrupt window.
+//! vmcs.inject(InterruptionInfo::external_interrupt(0x20), 0, 0);
+//! assert_eq!(check_guest_state(&vmcs), Err(GuestStateError::RflagsIfClearForInterrupt));
+//!
+//! // So it goes to the queue, which asks for a window until the guest can take it.
+//! struct Guest { window_open: bool, asked: bool, got: Vec<u8> }
+//! impl vmkit_vcpu::VcpuInterruptWindow for Guest {
+//!     fn interrupt_window_open(&mut self) -> bool { self.window_open }
+//!     fn request_interrupt_window(&mut self, on: bool) { self.asked = on }
+//!     fn inject_external_interrupt(&mut self, v: u8) -> Result<(), vmkit_vcpu::Error> {
+//!         self.got.push(v);
+//!         Ok(())
+//!     }
+//! }
+//! let irqs = InterruptQueue::new();
+//! irqs.raise(0x20);
+//! let mut g = Guest { window_open: false, asked: false, got: vec![] };
+//! assert_eq!(irqs.before_entry(&mut g)?, WindowAction::WindowRequested);
+//! g.window_open = true; // the guest executed STI and one more instruction
+//! assert_eq!(irqs.before_entry(&mut g)?, WindowAction::Injected(0x20));
+//! assert_eq!(irqs.before_entry(&mut g)?, WindowAction::Idle);
+//! assert_eq!(g.got, [0x20]); // exactly once
+//! # Ok::<(), vmkit_vcpu::Error>(())
+//! ```
+//!
+//! On KVM:
+//!
 //! ```no_run
 //! use vmkit_vcpu::events::{InterruptQueue, inject};
 //! use vmkit_vcpu::vmcs::InterruptionInfo;
 //! # fn demo(vcpu: &mut vmkit_vcpu::KvmVcpu) -> Result<(), vmkit_vcpu::Error> {
 //! // #GP(0x18) at the next entry.
 //! inject(vcpu, InterruptionInfo::hardware_exception(13), 0x18, 0)?;
-//! // An external interrupt whenever the guest can take it.
+//! // External interrupts whenever the guest can take them: run with
+//! // control::run_controlled(…, RunControl::new()?.with_interrupts(irqs.clone())).
 //! let irqs = InterruptQueue::new();
 //! irqs.raise(0x20);
-//! // ... run with vmkit_vcpu::control::run_controlled(…, RunControl::new().with_interrupts(irqs))
 //! # Ok(()) }
 //! ```
 
