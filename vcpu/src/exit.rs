@@ -181,6 +181,37 @@ impl ExitKind {
         ExitKind::MsrWrite,
     ];
 
+    /// The basic VMX exit reason this kind corresponds to (see [`crate::kvm_map::exit_information`]),
+    /// so per-kind counts read as per-reason counts.
+    ///
+    /// ```
+    /// use vmkit_vcpu::ExitKind;
+    /// use vmkit_vcpu::vmcs::ExitReason;
+    /// assert_eq!(ExitKind::PioWrite.exit_reason(), Some(ExitReason::IoInstruction));
+    /// assert_eq!(ExitKind::MmioRead.exit_reason(), Some(ExitReason::EptViolation));
+    /// assert_eq!(ExitKind::InternalError.exit_reason(), None);
+    /// ```
+    pub const fn exit_reason(self) -> Option<crate::vmcs::ExitReason> {
+        use crate::vmcs::ExitReason as R;
+        Some(match self {
+            ExitKind::PioRead | ExitKind::PioWrite => R::IoInstruction,
+            ExitKind::MmioRead | ExitKind::MmioWrite => R::EptViolation,
+            ExitKind::Hlt => R::Hlt,
+            ExitKind::Shutdown => R::TripleFault,
+            ExitKind::Debug => R::ExceptionOrNmi,
+            ExitKind::Hypercall => R::Vmcall,
+            ExitKind::FailEntry => R::EntryFailureGuestState,
+            ExitKind::IrqWindowOpen => R::InterruptWindow,
+            ExitKind::Interrupted => R::ExternalInterrupt,
+            ExitKind::MsrRead => R::Rdmsr,
+            ExitKind::MsrWrite => R::Wrmsr,
+            ExitKind::InternalError
+            | ExitKind::SystemEvent
+            | ExitKind::IoapicEoi
+            | ExitKind::Unsupported => return None,
+        })
+    }
+
     /// A short lowercase name (`"pio-write"` …).
     pub const fn name(self) -> &'static str {
         match self {

@@ -500,3 +500,45 @@ fn kvm_cpuid_feature_registers_on_this_kvm() {
     assert_eq!(leaf7_ebx & (1 << 8), 0);
     assert_ne!(g1 & !leaf1_ecx, 0, "guest sees leaf-1 bits the table lacks");
 }
+
+#[test]
+fn kvm_bad_msr_lists_are_typed_errors() {
+    use crate::VcpuMsrs;
+    let mut g = TinyGuest::new(|a| a.hlt()).unwrap();
+    let many: Vec<u32> = (0..300).collect();
+    assert!(matches!(
+        g.vcpu.get_msrs(&many),
+        Err(Error::TooManyMsrs(300))
+    ));
+    let entries: Vec<kvm_bindings::kvm_msr_entry> = many
+        .iter()
+        .map(|&index| kvm_bindings::kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    assert!(matches!(
+        g.vcpu.set_msrs(&entries),
+        Err(Error::TooManyMsrs(300))
+    ));
+    // KVM stops at the first MSR it does not know; the error names it.
+    let bad = [
+        kvm_bindings::kvm_msr_entry {
+            index: 0xc000_0081, // STAR
+            data: 1,
+            ..Default::default()
+        },
+        kvm_bindings::kvm_msr_entry {
+            index: 0x4fff_0000,
+            ..Default::default()
+        },
+    ];
+    assert!(matches!(
+        g.vcpu.set_msrs(&bad),
+        Err(Error::MsrRejected { index: 0x4fff_0000 })
+    ));
+    assert!(matches!(
+        g.vcpu.get_msrs(&[0xc000_0081, 0x4fff_0000]),
+        Err(Error::MsrRejected { index: 0x4fff_0000 })
+    ));
+}
