@@ -278,7 +278,10 @@ impl<M: GuestMemory + Send> VirtioDevice<M> for Block<M> {
     }
 
     fn reset(&mut self) {
-        let _ = self.drain();
+        if self.drain().is_err() {
+            // The rings are broken: still wait for the kernel before the memory may go.
+            self.workers.iter_mut().for_each(QueueWorker::abandon);
+        }
         self.active = None;
         self.throttled = None;
     }

@@ -206,7 +206,13 @@ impl UringEngine {
     /// Submit and block until at least `want` completions are ready.
     pub fn wait(&mut self, want: usize) -> Result<(), UringError> {
         let want = want.min(self.in_flight());
-        self.ring.submit_and_wait(want).map_err(UringError::Ring)?;
+        loop {
+            match self.ring.submit_and_wait(want) {
+                Ok(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(UringError::Ring(e)),
+            }
+        }
         self.unsubmitted = 0;
         Ok(())
     }

@@ -217,6 +217,15 @@ impl QueueWorker {
         Ok(pass)
     }
 
+    /// Wait for every io_uring operation without touching the rings (their results are
+    /// dropped): what a reset does after [`QueueWorker::drain`] failed, before the guest memory
+    /// may go away.
+    pub fn abandon(&mut self) {
+        if let Some(uring) = self.uring.as_mut() {
+            uring.drain(|_| {});
+        }
+    }
+
     /// Block until every io_uring operation finished, and complete them all.
     pub fn drain<M: GuestMemory>(
         &mut self,
