@@ -36,7 +36,10 @@ fn mode() -> impl Strategy<Value = (PagingMode, bool)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(96))]
+    // 96 cases in CI; PROPTEST_CASES=N for a longer local run.
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(96)
+    ))]
 
     #[test]
     fn shadow_equals_ept_after_guest_walk_write_protect(
