@@ -542,3 +542,50 @@ fn kvm_bad_msr_lists_are_typed_errors() {
         Err(Error::MsrRejected { index: 0x4fff_0000 })
     ));
 }
+
+#[test]
+fn kvm_injected_nmi_and_exception_without_error_code_reach_their_handlers() {
+    let mut g = TinyGuest::new(|a| {
+        a.hlt()?;
+        a.hlt()?;
+        a.out(0x81, al)?;
+        a.hlt()
+    })
+    .unwrap();
+    port_handler(&g, HANDLER_ADDR, 0x92); // NMI (vector 2)
+    port_handler(&g, HANDLER_ADDR + 0x100, 0x96); // #UD (vector 6), no error code
+    g.install_idt(&[(2, HANDLER_ADDR), (6, HANDLER_ADDR + 0x100)])
+        .unwrap();
+    let io = Ports::default();
+    assert_eq!(run(&mut g, &io), RunOutcome::Exit(Exit::Hlt));
+    inject(&mut g.vcpu, InterruptionInfo::nmi(), 0, 0).unwrap();
+    assert_eq!(run(&mut g, &io), RunOutcome::Exit(Exit::Hlt));
+    inject(&mut g.vcpu, InterruptionInfo::hardware_exception(6), 0, 0).unwrap();
+    assert_eq!(run(&mut g, &io), RunOutcome::Exit(Exit::Hlt));
+    assert_eq!(io.ports(), [0x92, 0x96, 0x81]);
+    // #UD has no error code: asking to deliver one breaks the VM-entry rules.
+    let err = inject(
+        &mut g.vcpu,
+        InterruptionInfo::new(6, crate::vmcs::InterruptionType::HardwareException, true),
+        0,
+        0,
+    )
+    .unwrap_err();
+    assert!(matches!(
+        err,
+        Error::Vmcs(crate::kvm_map::MapError::GuestState(
+            crate::vmcs::checks::GuestStateError::EntryErrorCode(6)
+        ))
+    ));
+}
+
+#[test]
+fn kvm_minimal_template_is_accepted_per_vcpu() {
+    let g = TinyGuest::new(|a| a.hlt()).unwrap();
+    let t = crate::cpuid::CpuidTemplate::named("minimal").unwrap();
+    let table = t.apply(&g.vm, &g.vcpu, 2).unwrap();
+    let leaf1 = table.as_slice().iter().find(|e| e.function == 1).unwrap();
+    assert_eq!(leaf1.ecx & (1 << 28), 0, "avx hidden");
+    assert_ne!(leaf1.ecx & (1 << 31), 0, "hypervisor bit");
+    assert_eq!((leaf1.ebx >> 16) & 0xff, 2);
+}
