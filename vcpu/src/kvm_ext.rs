@@ -204,6 +204,22 @@ impl Vmcs {
     }
 }
 
+impl Vmcs {
+    /// Express the VM-execution controls KVM has mechanisms for: the exception bitmap
+    /// ([`KvmVcpu::set_exception_bitmap`]), MSR bitmaps ([`KvmVm::apply_msr_controls`], VM-wide)
+    /// and "interrupt-window exiting" (`kvm_run.request_interrupt_window`). HLT, I/O and CPUID
+    /// need no setup: without an in-kernel irqchip KVM exits on HLT and on I/O no device in the
+    /// kernel claims; CPUID is answered by KVM from the table set with KVM_SET_CPUID2
+    /// ([`crate::cpuid`]).
+    pub fn apply_controls(&self, vm: &KvmVm, vcpu: &mut KvmVcpu) -> Result<(), Error> {
+        vcpu.set_exception_bitmap(self.execution.exception_bitmap)?;
+        vm.apply_msr_controls(self)?;
+        let window = self.execution.primary_processor_based & primary::INTERRUPT_WINDOW_EXITING;
+        crate::VcpuInterruptWindow::request_interrupt_window(vcpu, window != 0);
+        Ok(())
+    }
+}
+
 impl KvmVcpu {
     /// Express the exception bitmap with KVM_SET_GUEST_DEBUG: bit 1 (#DB) → hardware
     /// breakpoints/single-step interception, bit 3 (#BP) → software breakpoint interception.

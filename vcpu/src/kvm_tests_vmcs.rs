@@ -589,3 +589,50 @@ fn kvm_minimal_template_is_accepted_per_vcpu() {
     assert_ne!(leaf1.ecx & (1 << 31), 0, "hypervisor bit");
     assert_eq!((leaf1.ebx >> 16) & 0xff, 2);
 }
+
+#[test]
+fn kvm_interrupt_window_exiting_control_exits_when_if_is_set() {
+    let mut g = TinyGuest::new(|a| {
+        a.out(0x80, al)?;
+        a.sti()?;
+        a.nop()?;
+        a.out(0x81, al)?;
+        a.hlt()
+    })
+    .unwrap();
+    let mut vmcs = Vmcs::from_long_mode(&g.state);
+    vmcs.execution.primary_processor_based |=
+        controls::primary::INTERRUPT_WINDOW_EXITING | controls::primary::USE_MSR_BITMAPS;
+    vmcs.apply_controls(&g.vm, &mut g.vcpu).unwrap();
+    let io = Ports::default();
+    // IF = 0 at first: the window opens only after STI.
+    let out = run(&mut g, &io);
+    match out {
+        // VMX: KVM exits as soon as the window is open (after the STI shadow).
+        RunOutcome::Exit(Exit::IrqWindowOpen) => {
+            let regs = crate::VcpuRegisters::regs(&g.vcpu).unwrap();
+            assert_ne!(regs.rflags & (1 << 9), 0, "window exit with IF set");
+            assert_eq!(run(&mut g, &io), RunOutcome::Exit(Exit::Hlt));
+        }
+        // This KVM (PVM) checks the request only after exits it handles in the kernel; the
+        // guest reaches its next userspace exit, which reports the open window — what
+        // `InterruptQueue::before_entry` relies on.
+        RunOutcome::Exit(Exit::Hlt) => {
+            assert!(crate::VcpuInterruptWindow::interrupt_window_open(
+                &mut g.vcpu
+            ));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(io.ports(), [0x80, 0x81]);
+    let mut vmcs2 = vmcs.clone();
+    vmcs2.execution.primary_processor_based &= !controls::primary::INTERRUPT_WINDOW_EXITING;
+    vmcs2.execution.exception_bitmap = 1 << 14; // #PF: not expressible on KVM
+    assert!(matches!(
+        vmcs2.apply_controls(&g.vm, &mut g.vcpu),
+        Err(Error::UnsupportedExceptionBitmap(0x4000))
+    ));
+    vmcs2.execution.exception_bitmap = 0;
+    vmcs2.apply_controls(&g.vm, &mut g.vcpu).unwrap();
+    assert_eq!(g.vcpu.fd_mut().get_kvm_run().request_interrupt_window, 0);
+}
