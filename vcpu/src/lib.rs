@@ -78,7 +78,7 @@ pub use traits::{
 pub use vmcs::Vmcs;
 
 #[cfg(test)]
-mod kvm_map_tests;
+mod map_tests;
 #[cfg(test)]
 mod kvm_tests;
 #[cfg(test)]
