@@ -11,7 +11,7 @@
 //!   [`mmio::MmioTransport`] (virtio-mmio v2) and [`pci::VirtioPciTransport`] (modern
 //!   virtio-pci with MSI-X, on vmkit-devices' `PciFunction`).
 //! * [`notify`] — queue notifications through ioeventfd and interrupts through irqfd.
-//! * [`test_utils`] (feature `test-utils`) — a driver-side harness over mock guest memory.
+//! * `test_utils` (feature `test-utils`) — a driver-side harness over mock guest memory.
 //!
 //! Every ignored guest action (illegal status transition, unoffered feature, bad queue size,
 //! bad register access, …) is counted in [`TransportMetrics`]; none can panic.

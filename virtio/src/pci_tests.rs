@@ -292,3 +292,21 @@ fn bad_bar_accesses_are_counted() {
     assert_eq!(p.f.metrics().bad_notifies, 1);
     assert_eq!(p.f.notify_addresses(0xd000_0000), [(0xd000_3000, None, 0)]);
 }
+
+#[test]
+fn config_change_uses_the_config_vector_and_bumps_the_generation() {
+    let mut p = Pci::new();
+    p.msix_program(0, 0x50);
+    p.bring_up(VIRTIO_MSI_NO_VECTOR);
+    p.wr(0x10, 2, 0); // config_msix_vector = 0
+    let g0 = p.rd(0x15, 1);
+    p.f.core_mut().config_changed();
+    assert_eq!(p.rd(0x15, 1), (g0 + 1) & 0xff);
+    assert_eq!(p.sink.vectors(), [0x50]);
+    assert_eq!(p.rd(ISR_CFG_OFFSET, 1), VIRTIO_PCI_ISR_CONFIG as u64);
+    // A device error: DEVICE_NEEDS_RESET plus a config interrupt.
+    p.f.core_mut()
+        .device_error(crate::DeviceError::Backend("test".into()));
+    assert_eq!(p.status() & STATUS_NEEDS_RESET, STATUS_NEEDS_RESET);
+    assert_eq!(p.sink.vectors(), [0x50, 0x50]);
+}
