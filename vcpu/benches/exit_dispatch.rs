@@ -91,6 +91,7 @@ impl vmkit_vcpu::VcpuRun for Synthetic {
     fn run(&mut self) -> Result<vmkit_vcpu::VcpuExit<'_>, vmkit_vcpu::Error> {
         Ok(vmkit_vcpu::VcpuExit::PioWrite {
             port: 0x80,
+            size: 1,
             data: &self.buf[..1],
         })
     }
@@ -121,7 +122,7 @@ fn synthetic(c: &mut Criterion) {
         b.iter_custom(|n| {
             let t = Instant::now();
             for _ in 0..n {
-                if let Ok(vmkit_vcpu::VcpuExit::PioWrite { port, data }) =
+                if let Ok(vmkit_vcpu::VcpuExit::PioWrite { port, data, .. }) =
                     vmkit_vcpu::VcpuRun::run(black_box(&mut v))
                 {
                     black_box((port, data));

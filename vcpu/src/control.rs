@@ -349,8 +349,17 @@ where
         let exit = vcpu.run()?;
         stats.record(exit.kind());
         match exit {
-            VcpuExit::PioRead { port, data } => io.pio_read(port, data),
-            VcpuExit::PioWrite { port, data } => io.pio_write(port, data),
+            VcpuExit::PioRead { port, size, data } => {
+                // One access per element of a string (`rep ins`) transfer.
+                for access in data.chunks_mut(usize::from(size.max(1))) {
+                    io.pio_read(port, access);
+                }
+            }
+            VcpuExit::PioWrite { port, size, data } => {
+                for access in data.chunks(usize::from(size.max(1))) {
+                    io.pio_write(port, access);
+                }
+            }
             VcpuExit::MmioRead { addr, data } => io.mmio_read(addr, data),
             VcpuExit::MmioWrite { addr, data } => io.mmio_write(addr, data),
             VcpuExit::Other(Exit::Interrupted) => {}

@@ -10,17 +10,28 @@ use serde::{Deserialize, Serialize};
 /// `data`); every other exit is owned data ([`Exit`]) that can be kept, sent or logged.
 #[derive(Debug)]
 pub enum VcpuExit<'a> {
-    /// `in` from an I/O port: fill `data` (1, 2 or 4 bytes).
+    /// `in` from an I/O port: fill `data`.
+    ///
+    /// `data.len()` is a multiple of `size`: string I/O (`rep insb/insw/insd`) reports
+    /// `data.len() / size` consecutive port reads of `size` bytes in one exit. Use
+    /// [`chunks_mut(size)`](slice::chunks_mut) or the run loop, which does so.
     PioRead {
         /// Port number.
         port: u16,
+        /// Width of one access: 1, 2 or 4 bytes.
+        size: u8,
         /// Bytes to fill in.
         data: &'a mut [u8],
     },
     /// `out` to an I/O port.
+    ///
+    /// `data.len()` is a multiple of `size`: string I/O (`rep outsb/outsw/outsd`) reports
+    /// `data.len() / size` consecutive port writes of `size` bytes in one exit.
     PioWrite {
         /// Port number.
         port: u16,
+        /// Width of one access: 1, 2 or 4 bytes.
+        size: u8,
         /// Bytes written by the guest.
         data: &'a [u8],
     },

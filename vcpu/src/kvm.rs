@@ -171,8 +171,17 @@ impl VcpuRun for KvmVcpu {
             }
         };
         let other = match exit {
-            K::IoIn(port, data) => return Ok(VcpuExit::PioRead { port, data }),
-            K::IoOut(port, data) => return Ok(VcpuExit::PioWrite { port, data }),
+            K::IoIn(port, data) => {
+                // SAFETY: the exit is KVM_EXIT_IO, so `io` is the active union member; `size` is a
+                // plain byte in the kvm_run header, disjoint from `data` (at io.data_offset).
+                let size = unsafe { (*run_page).__bindgen_anon_1.io.size };
+                return Ok(VcpuExit::PioRead { port, size, data });
+            }
+            K::IoOut(port, data) => {
+                // SAFETY: as for IoIn above.
+                let size = unsafe { (*run_page).__bindgen_anon_1.io.size };
+                return Ok(VcpuExit::PioWrite { port, size, data });
+            }
             K::MmioRead(addr, data) => return Ok(VcpuExit::MmioRead { addr, data }),
             K::MmioWrite(addr, data) => return Ok(VcpuExit::MmioWrite { addr, data }),
             K::Hlt => Exit::Hlt,

@@ -501,7 +501,8 @@ impl ExitInformation {
 
 /// The VMX exit a KVM exit stands for:
 ///
-/// * PIO → I/O instruction (qualification: size, direction, port; string/REP unknown → 0);
+/// * PIO → I/O instruction (qualification: size, direction, port; a transfer of several
+///   elements sets string + REP, a single one leaves both 0 since KVM does not say);
 /// * MMIO → EPT violation (read or write, GPA, page not present);
 /// * HLT → HLT; MSR exits → RDMSR / WRMSR; hypercall → VMCALL;
 /// * debug → exception or NMI (#DB as hardware exception, #BP as software exception);
@@ -512,13 +513,14 @@ impl ExitInformation {
 /// `None` for internal errors (their instruction bytes are in [`Exit::InternalError`]) and
 /// exits with no VMX counterpart.
 pub fn exit_information(exit: &VcpuExit<'_>) -> Option<ExitInformation> {
-    let io = |port: u16, len: usize, direction| {
+    let io = |port: u16, size: u8, len: usize, direction| {
         let mut i = ExitInformation::new(ExitReason::IoInstruction);
+        let repeated = len > usize::from(size);
         i.qualification = IoQualification {
-            size: len.clamp(1, 4) as u8,
+            size: size.clamp(1, 4),
             direction,
-            string: false,
-            rep: false,
+            string: repeated,
+            rep: repeated,
             immediate: false,
             port,
         }
@@ -537,8 +539,8 @@ pub fn exit_information(exit: &VcpuExit<'_>) -> Option<ExitInformation> {
         i
     };
     Some(match exit {
-        VcpuExit::PioRead { port, data } => io(*port, data.len(), IoDirection::In),
-        VcpuExit::PioWrite { port, data } => io(*port, data.len(), IoDirection::Out),
+        VcpuExit::PioRead { port, size, data } => io(*port, *size, data.len(), IoDirection::In),
+        VcpuExit::PioWrite { port, size, data } => io(*port, *size, data.len(), IoDirection::Out),
         VcpuExit::MmioRead { addr, .. } => mmio(*addr, false),
         VcpuExit::MmioWrite { addr, .. } => mmio(*addr, true),
         VcpuExit::Other(e) => match e {

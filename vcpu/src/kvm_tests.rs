@@ -49,3 +49,63 @@ fn kvm_long_mode_guest_writes_ports_and_halts() {
     assert_eq!(stats.get(ExitKind::PioWrite), 2);
     assert_eq!(stats.get(ExitKind::Hlt), 1);
 }
+
+/// Answers reads of port 0x60 with 1, 2, 3, … and logs writes.
+#[derive(Default)]
+struct Counter {
+    log: Log,
+    next: std::cell::Cell<u8>,
+}
+
+impl IoHandler for Counter {
+    fn pio_read(&self, _: u16, data: &mut [u8]) {
+        for b in data {
+            self.next.set(self.next.get() + 1);
+            *b = self.next.get();
+        }
+    }
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        self.log.pio_write(port, data)
+    }
+    fn mmio_read(&self, _: u64, data: &mut [u8]) {
+        data.fill(0xff)
+    }
+    fn mmio_write(&self, _: u64, _: &[u8]) {}
+}
+
+#[test]
+fn kvm_string_port_io_reaches_the_handler_one_element_at_a_time() {
+    use crate::test_utils::DATA_ADDR;
+    let mut g = TinyGuest::new(|a| {
+        let mut msg = a.create_label();
+        a.lea(rsi, ptr(msg))?;
+        a.mov(ecx, 3u32)?;
+        a.mov(dx, 0x80u32)?;
+        a.rep().outsb()?; // three 1-byte writes, possibly in one exit
+        a.mov(rdi, DATA_ADDR)?;
+        a.mov(ecx, 2u32)?;
+        a.mov(dx, 0x60u32)?;
+        a.rep().insw()?; // two 2-byte reads into memory
+        a.mov(eax, dword_ptr(DATA_ADDR))?;
+        a.out(0x81, eax)?; // report what landed in memory
+        a.hlt()?;
+        a.set_label(&mut msg)?;
+        a.db(b"abc")
+    })
+    .unwrap();
+    let io = Counter::default();
+    let mut stats = ExitStats::default();
+    let out = run_until_exit(&mut g.vcpu, &io, &StopHandle::new(), &mut stats).unwrap();
+    assert_eq!(out, RunOutcome::Exit(Exit::Hlt));
+    let expected: Vec<(u16, Vec<u8>)> = vec![
+        (0x80, b"a".to_vec()),
+        (0x80, b"b".to_vec()),
+        (0x80, b"c".to_vec()),
+        (0x81, vec![1, 2, 3, 4]),
+    ];
+    assert_eq!(*io.log.0.borrow(), expected);
+    println!(
+        "string I/O exits: {}",
+        stats.get(ExitKind::PioWrite) + stats.get(ExitKind::PioRead)
+    );
+}

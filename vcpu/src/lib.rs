@@ -78,10 +78,10 @@ pub use traits::{
 pub use vmcs::Vmcs;
 
 #[cfg(test)]
-mod map_tests;
-#[cfg(test)]
 mod kvm_tests;
 #[cfg(test)]
 mod kvm_tests_control;
 #[cfg(test)]
 mod kvm_tests_vmcs;
+#[cfg(test)]
+mod map_tests;

@@ -75,7 +75,7 @@ impl TinyGuest {
 
     /// A guest with `ram` bytes running machine code `code` from [`CODE_ADDR`].
     pub fn with_code(ram: u64, code: &[u8]) -> Result<Self, HarnessError> {
-        Self::build(ram, code, false)
+        Self::build(ram, code, |_| Ok(()))
     }
 
     /// Like [`new`](Self::new) on a VM with an in-kernel irqchip (LAPIC state can be saved;
@@ -83,7 +83,18 @@ impl TinyGuest {
     pub fn with_irqchip(
         program: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
     ) -> Result<Self, HarnessError> {
-        Self::build(DEFAULT_RAM, &assemble(CODE_ADDR, program)?, true)
+        Self::build(DEFAULT_RAM, &assemble(CODE_ADDR, program)?, |vm| {
+            Ok(vm.create_irqchip()?)
+        })
+    }
+
+    /// Like [`new`](Self::new), running `setup` on the VM before its vCPU exists — for VM-wide
+    /// capabilities that must precede vCPU creation, such as KVM_CAP_SPLIT_IRQCHIP.
+    pub fn with_vm_setup(
+        program: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+        setup: impl FnOnce(&mut KvmVm) -> Result<(), HarnessError>,
+    ) -> Result<Self, HarnessError> {
+        Self::build(DEFAULT_RAM, &assemble(CODE_ADDR, program)?, setup)
     }
 
     /// Write `code` (assembled at `addr` by [`assemble`]) into guest memory.
@@ -116,7 +127,11 @@ impl TinyGuest {
         Ok(())
     }
 
-    fn build(ram: u64, code: &[u8], irqchip: bool) -> Result<Self, HarnessError> {
+    fn build(
+        ram: u64,
+        code: &[u8],
+        setup: impl FnOnce(&mut KvmVm) -> Result<(), HarnessError>,
+    ) -> Result<Self, HarnessError> {
         let layout = GuestLayout::builder().ram_size(ram).build()?;
         let mem = layout.create_memory()?;
         let mut pt = PageTableBuilder::new(&mem, PAGE_TABLE_ADDR, 0x7000)?;
@@ -125,9 +140,7 @@ impl TinyGuest {
         let state = LongModeState::flat_64(pt.cr3(), CODE_ADDR, STACK_TOP);
         state.write_gdt(&mem)?;
         let mut vm = KvmVm::new()?;
-        if irqchip {
-            vm.create_irqchip()?;
-        }
+        setup(&mut vm)?;
         vm.register_memory(&mem)?;
         let mut vcpu = vm.create_vcpu(0)?;
         state.apply(&mut vcpu)?;
