@@ -127,7 +127,9 @@ impl QueueWorker {
         let metrics = &shared.metrics;
         'outer: loop {
             queue.disable_notification(mem).map_err(qerr)?;
+            let mut popped = 0u32;
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                popped += 1;
                 let head = chain.head_index();
                 if head >= queue.size() {
                     // No used-ring entry can name this head: drop it, counted.
@@ -186,6 +188,12 @@ impl QueueWorker {
                 uring.submit().map_err(WorkerError::Uring)?;
             }
             if !queue.enable_notification(mem).map_err(qerr)? {
+                break;
+            }
+            if popped == 0 {
+                // More work announced but nothing could be taken: the available index is
+                // corrupt (more than a queue ahead). Report it instead of spinning.
+                queue.iter(mem).map_err(qerr)?;
                 break;
             }
         }

@@ -212,3 +212,23 @@ fn rate_limiter_throttles_then_resumes() {
     assert_eq!(pass.completed, 2);
     assert_eq!(h.used().len(), 4);
 }
+
+#[test]
+fn corrupt_available_index_is_an_error_not_a_hang() {
+    use vm_memory::{Bytes, GuestAddress};
+    for engine in [EngineKind::Sync, EngineKind::IoUring { depth: 4 }] {
+        let mut r = rig(engine, false, BlockConfig::default());
+        r.h.add_request(VIRTIO_BLK_T_FLUSH, 0, &[], false);
+        // The driver claims 1000 new entries in a 64-entry queue.
+        let avail_idx = GuestAddress(vmkit_block::test_utils::AVAIL_RING + 2);
+        r.h.mem.write_obj(1000u16, avail_idx).unwrap();
+        let Rig {
+            h, shared, worker, ..
+        } = &mut r;
+        let err = worker.process(&mut h.queue, &h.mem, shared).unwrap_err();
+        assert!(matches!(
+            err,
+            vmkit_block::worker::WorkerError::Queue(virtio_queue::Error::InvalidAvailRingIndex)
+        ));
+    }
+}
