@@ -25,8 +25,8 @@ use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 use crate::events::InterruptQueue;
 use crate::{
-    Error, Exit, ExitStats, IoHandler, KvmVcpu, RunOutcome, StopHandle, VcpuExit,
-    VcpuInterruptWindow, VcpuRun,
+    Error, Exit, ExitStats, IoHandler, KvmVcpu, RunOutcome, StopHandle, VcpuInterruptWindow,
+    VcpuRun, dispatch_io,
 };
 
 /// The signal used to kick a vCPU thread out of KVM_RUN: `SIGRTMIN() + KICK_SIGNAL_OFFSET`.
@@ -348,23 +348,10 @@ where
         }
         let exit = vcpu.run()?;
         stats.record(exit.kind());
-        match exit {
-            VcpuExit::PioRead { port, size, data } => {
-                // One access per element of a string (`rep ins`) transfer.
-                for access in data.chunks_mut(usize::from(size.max(1))) {
-                    io.pio_read(port, access);
-                }
-            }
-            VcpuExit::PioWrite { port, size, data } => {
-                for access in data.chunks(usize::from(size.max(1))) {
-                    io.pio_write(port, access);
-                }
-            }
-            VcpuExit::MmioRead { addr, data } => io.mmio_read(addr, data),
-            VcpuExit::MmioWrite { addr, data } => io.mmio_write(addr, data),
-            VcpuExit::Other(Exit::Interrupted) => {}
-            VcpuExit::Other(Exit::IrqWindowOpen) if ctl.irqs.is_some() => {}
-            VcpuExit::Other(e) => return Ok(RunOutcome::Exit(e)),
+        match dispatch_io(exit, io) {
+            None | Some(Exit::Interrupted) => {}
+            Some(Exit::IrqWindowOpen) if ctl.irqs.is_some() => {}
+            Some(e) => return Ok(RunOutcome::Exit(e)),
         }
     }
 }

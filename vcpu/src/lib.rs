@@ -69,7 +69,7 @@ pub mod vmcs;
 pub use error::Error;
 pub use exit::{Exit, ExitKind, ExitStats, VcpuExit};
 pub use kvm::{KvmVcpu, KvmVm};
-pub use run_loop::{IoHandler, RunOutcome, StopHandle, run_until_exit};
+pub use run_loop::{IoHandler, RunOutcome, StopHandle, dispatch_io, run_until_exit};
 pub use state::{LongModeState, Segment};
 pub use traits::{
     VcpuEvents, VcpuExtendedState, VcpuGuestState, VcpuInterruptWindow, VcpuMsrs, VcpuRegisters,

@@ -106,23 +106,32 @@ where
         }
         let exit = vcpu.run()?;
         stats.record(exit.kind());
-        match exit {
-            VcpuExit::PioRead { port, size, data } => {
-                // One access per element of a string (`rep ins`) transfer.
-                for access in data.chunks_mut(usize::from(size.max(1))) {
-                    io.pio_read(port, access);
-                }
-            }
-            VcpuExit::PioWrite { port, size, data } => {
-                for access in data.chunks(usize::from(size.max(1))) {
-                    io.pio_write(port, access);
-                }
-            }
-            VcpuExit::MmioRead { addr, data } => io.mmio_read(addr, data),
-            VcpuExit::MmioWrite { addr, data } => io.mmio_write(addr, data),
-            VcpuExit::Other(e) => return Ok(RunOutcome::Exit(e)),
+        if let Some(e) = dispatch_io(exit, io) {
+            return Ok(RunOutcome::Exit(e));
         }
     }
+}
+
+/// Complete an I/O exit through `io` (string I/O one element at a time) and return `None`, or
+/// return the non-I/O exit untouched. The one place both run loops dispatch guest I/O.
+#[inline]
+pub fn dispatch_io<H: IoHandler + ?Sized>(exit: VcpuExit<'_>, io: &H) -> Option<Exit> {
+    match exit {
+        VcpuExit::PioRead { port, size, data } => {
+            for access in data.chunks_mut(usize::from(size.max(1))) {
+                io.pio_read(port, access);
+            }
+        }
+        VcpuExit::PioWrite { port, size, data } => {
+            for access in data.chunks(usize::from(size.max(1))) {
+                io.pio_write(port, access);
+            }
+        }
+        VcpuExit::MmioRead { addr, data } => io.mmio_read(addr, data),
+        VcpuExit::MmioWrite { addr, data } => io.mmio_write(addr, data),
+        VcpuExit::Other(e) => return Some(e),
+    }
+    None
 }
 
 #[cfg(test)]
