@@ -3,12 +3,9 @@
 use std::sync::{Arc, Mutex};
 
 use iced_x86::code_asm::*;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmkit_memory::{GuestLayout, PageSize, PageTableBuilder, paging::flags};
-use vmkit_vcpu::test_utils::{
-    CODE_ADDR, DATA_ADDR, DEFAULT_RAM, HarnessError, PAGE_TABLE_ADDR, STACK_TOP, assemble,
-};
-use vmkit_vcpu::{Exit, ExitStats, KvmVcpu, KvmVm, LongModeState, RunOutcome, StopHandle};
+use vm_memory::GuestMemoryMmap;
+use vmkit_vcpu::test_utils::{CODE_ADDR, DATA_ADDR, HarnessError, TinyGuest};
+use vmkit_vcpu::{Exit, ExitStats, KvmVcpu, KvmVm, RunOutcome, StopHandle};
 
 use crate::debug_exit::DebugExit;
 use crate::ioapic::{IOAPIC_DEFAULT_BASE, IOAPIC_MMIO_SIZE, Ioapic};
@@ -19,16 +16,12 @@ use crate::{BusDevice, IoBuses};
 const HANDLER_ADDR: u64 = CODE_ADDR + 0x1000;
 /// The guest's interrupt counter.
 const COUNTER: u64 = DATA_ADDR;
-/// The IDT pseudo-descriptor.
-const IDTR_ADDR: u64 = DATA_ADDR + 0x100;
-/// The IDT (256 16-byte gates).
-const IDT_ADDR: u64 = DATA_ADDR + 0x1000;
 const LAPIC_BASE: u64 = 0xfee0_0000;
 const LAPIC_SVR: i32 = 0xf0;
 const LAPIC_EOI: i32 = 0xb0;
 
-/// A VM with the split irqchip (enabled before the vCPU exists, which `TinyGuest` cannot do),
-/// guest code at `CODE_ADDR`, `handler` at `HANDLER_ADDR` behind IDT vector `vector`.
+/// A VM with the split irqchip (enabled before the vCPU exists), guest code at `CODE_ADDR`,
+/// `handler` at `HANDLER_ADDR` behind IDT vector `vector`.
 struct IrqGuest {
     vm: KvmVm,
     vcpu: KvmVcpu,
@@ -41,37 +34,13 @@ impl IrqGuest {
         handler: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
         vector: u8,
     ) -> Result<Self, HarnessError> {
-        let mem = GuestLayout::builder()
-            .ram_size(DEFAULT_RAM)
-            .build()?
-            .create_memory()?;
-        let mut pt = PageTableBuilder::new(&mem, PAGE_TABLE_ADDR, 0x7000)?;
-        pt.identity_map(0, 4 << 30, PageSize::Size2M, flags::WRITABLE)?;
-        mem.write_slice(&assemble(CODE_ADDR, main)?, GuestAddress(CODE_ADDR))?;
-        mem.write_slice(
-            &assemble(HANDLER_ADDR, handler)?,
-            GuestAddress(HANDLER_ADDR),
-        )?;
-        // A 64-bit interrupt gate (SDM Vol. 3 §6.14.1): present, DPL 0, type 0xE, CS 0x08.
-        let off = HANDLER_ADDR;
-        let gate_lo = (off & 0xffff) | 0x08 << 16 | 0x8e00 << 32 | ((off >> 16) & 0xffff) << 48;
-        let gate = [gate_lo, off >> 32];
-        let gate_addr = IDT_ADDR + 16 * vector as u64;
-        mem.write_obj(gate[0], GuestAddress(gate_addr))?;
-        mem.write_obj(gate[1], GuestAddress(gate_addr + 8))?;
-        mem.write_obj(256u16 * 16 - 1, GuestAddress(IDTR_ADDR))?;
-        mem.write_obj(IDT_ADDR, GuestAddress(IDTR_ADDR + 2))?;
-        let state = LongModeState::flat_64(pt.cr3(), CODE_ADDR, STACK_TOP);
-        state.write_gdt(&mem)?;
-        let mut vm = KvmVm::new()?;
-        enable_split_irqchip(&vm)?;
-        vm.register_memory(&mem)?;
-        let mut vcpu = vm.create_vcpu(0)?;
-        state.apply(&mut vcpu)?;
+        let mut g = TinyGuest::with_vm_setup(main, |vm| Ok(enable_split_irqchip(vm)?))?;
+        g.load(HANDLER_ADDR, handler)?;
+        g.install_idt(&[(vector, HANDLER_ADDR)])?;
         Ok(Self {
-            vm,
-            vcpu,
-            _mem: mem,
+            vm: g.vm,
+            vcpu: g.vcpu,
+            _mem: g.mem,
         })
     }
 }
@@ -147,8 +116,6 @@ fn kvm_ioapic_level_interrupt() {
         |a| {
             let mut again = a.create_label();
             let mut settle = a.create_label();
-            a.mov(rax, IDTR_ADDR)?;
-            a.lidt(ptr(rax))?;
             a.mov(rbx, LAPIC_BASE)?;
             a.mov(dword_ptr(rbx + LAPIC_SVR), 0x1ffu32)?; // APIC software enable
             a.mov(rsi, IOAPIC_DEFAULT_BASE)?;
@@ -260,8 +227,11 @@ fn kvm_ioapic_level_interrupt() {
     assert!(status >= 2, "{log:?} {eois:?}");
     assert_eq!(status as u64, delivered, "{log:?} {eois:?}");
     assert_eq!(eois.len() as u64, delivered, "{eois:?}");
-    // The first delivery, before any EOI.
-    assert_eq!(log.checkpoints.first(), Some(&(1, 1, 0)));
+    // The first handler run sees exactly one delivery. Its EOI may already be counted: PVM
+    // reports a level vector's EOI when it injects it, so the exit can race the checkpoint.
+    let &(counter, delivered_first, eois_first) = log.checkpoints.first().expect("a checkpoint");
+    assert_eq!((counter, delivered_first), (1, 1), "{log:?}");
+    assert!(eois_first <= 1, "{log:?}");
     // Never a delivery without a preceding EOI.
     for &(_, d, e) in &log.checkpoints {
         assert!(d <= e + 1, "{log:?}");
@@ -369,8 +339,6 @@ fn kvm_msix_irqfd_and_signal_msi() {
     }
     let g = IrqGuest::new(
         |a| {
-            a.mov(rax, IDTR_ADDR)?;
-            a.lidt(ptr(rax))?;
             a.mov(rbx, LAPIC_BASE)?;
             a.mov(dword_ptr(rbx + LAPIC_SVR), 0x1ffu32)?;
             a.mov(rdi, COUNTER)?;
