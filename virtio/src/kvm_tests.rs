@@ -14,12 +14,8 @@ use vmkit_devices::kvm_irq::{KvmIrqRouter, enable_split_irqchip};
 use vmkit_devices::msi::RecordingMsiSink;
 use vmkit_devices::pci::{PciFunction, PciRoot, cap_id};
 use vmkit_devices::serial::Serial;
-use vmkit_memory::{GuestLayout, PageSize, PageTableBuilder, paging::flags};
-use vmkit_vcpu::test_utils::{
-    CODE_ADDR, DATA_ADDR, DEFAULT_RAM, HarnessError, PAGE_TABLE_ADDR, STACK_TOP, TinyGuest,
-    assemble,
-};
-use vmkit_vcpu::{ExitStats, KvmVcpu, KvmVm, LongModeState, RunOutcome, StopHandle};
+use vmkit_vcpu::test_utils::{CODE_ADDR, DATA_ADDR, HarnessError, TinyGuest};
+use vmkit_vcpu::{ExitStats, KvmVcpu, KvmVm, RunOutcome, StopHandle};
 
 use crate::notify::{NotifyWorker, register_ioeventfds};
 use crate::pci::{MSIX_TABLE_OFFSET, NOTIFY_CFG_OFFSET, VirtioPciTransport};
@@ -29,8 +25,6 @@ const SERIAL: u16 = 0x3f8;
 const DEBUG_EXIT: u16 = 0xf4;
 const HANDLER_ADDR: u64 = CODE_ADDR + 0x1000;
 const COUNTER: u64 = DATA_ADDR;
-const IDTR_ADDR: u64 = DATA_ADDR + 0x100;
-const IDT_ADDR: u64 = DATA_ADDR + 0x1000;
 const LAPIC_BASE: u64 = 0xfee0_0000;
 /// Virtqueue 0 of the guest driver (16 entries) and its buffer.
 const DESC: u64 = 0x30_0000;
@@ -184,40 +178,17 @@ fn kvm_pci_enumeration() {
     assert_eq!(text, "03 10441af4 ffff8004 ffffffff\n");
 }
 
-/// A VM with the split irqchip (in-kernel LAPIC; enabled before the vCPU exists, which
-/// `TinyGuest` does not do), `main` at `CODE_ADDR`, `handler` behind IDT vector `vector`.
+/// A VM with the split irqchip (in-kernel LAPIC, enabled before the vCPU exists), `main` at
+/// `CODE_ADDR`, `handler` behind IDT vector `vector`.
 fn irq_guest(
     main: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
     handler: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
     vector: u8,
 ) -> Result<(KvmVm, KvmVcpu, GuestMemoryMmap), HarnessError> {
-    let mem = GuestLayout::builder()
-        .ram_size(DEFAULT_RAM)
-        .build()?
-        .create_memory()?;
-    let mut pt = PageTableBuilder::new(&mem, PAGE_TABLE_ADDR, 0x7000)?;
-    pt.identity_map(0, 4 << 30, PageSize::Size2M, flags::WRITABLE)?;
-    mem.write_slice(&assemble(CODE_ADDR, main)?, GuestAddress(CODE_ADDR))?;
-    mem.write_slice(
-        &assemble(HANDLER_ADDR, handler)?,
-        GuestAddress(HANDLER_ADDR),
-    )?;
-    // 64-bit interrupt gate (SDM Vol. 3 §6.14.1): present, DPL 0, type 0xE, selector 0x08.
-    let h = HANDLER_ADDR;
-    let lo = (h & 0xffff) | 0x08 << 16 | 0x8e00 << 32 | ((h >> 16) & 0xffff) << 48;
-    let gate = IDT_ADDR + 16 * vector as u64;
-    mem.write_obj(lo, GuestAddress(gate))?;
-    mem.write_obj(h >> 32, GuestAddress(gate + 8))?;
-    mem.write_obj(256u16 * 16 - 1, GuestAddress(IDTR_ADDR))?;
-    mem.write_obj(IDT_ADDR, GuestAddress(IDTR_ADDR + 2))?;
-    let state = LongModeState::flat_64(pt.cr3(), CODE_ADDR, STACK_TOP);
-    state.write_gdt(&mem)?;
-    let mut vm = KvmVm::new()?;
-    enable_split_irqchip(&vm)?;
-    vm.register_memory(&mem)?;
-    let mut vcpu = vm.create_vcpu(0)?;
-    state.apply(&mut vcpu)?;
-    Ok((vm, vcpu, mem))
+    let mut g = TinyGuest::with_vm_setup(main, |vm| Ok(enable_split_irqchip(vm)?))?;
+    g.load(HANDLER_ADDR, handler)?;
+    g.install_idt(&[(vector, HANDLER_ADDR)])?;
+    Ok((g.vm, g.vcpu, g.mem))
 }
 
 fn msix_cap(f: &mut impl PciFunction) -> u16 {
@@ -263,8 +234,6 @@ fn kvm_msix_reaches_guest() {
         };
     let (vm, mut vcpu, mem) = irq_guest(
         |a| {
-            a.mov(rax, IDTR_ADDR)?;
-            a.lidt(ptr(rax))?;
             a.mov(rbx, LAPIC_BASE)?;
             a.mov(dword_ptr(rbx + 0xf0), 0x1ffu32)?; // LAPIC SVR: software enable
             cfg_write(a, 0x10, BAR as u32, false)?;
