@@ -115,6 +115,14 @@ impl<M> Block<M> {
         })
     }
 
+    /// A device rebuilt from a saved state over the (reopened) image: same configuration,
+    /// features and configuration space. The transport restores the queues from
+    /// `state.queues` ([`QueueSnapshot::to_queue`]) and activates the device with
+    /// `state.acked_features`; counters restart from zero.
+    pub fn from_state(disk: Box<dyn DiskImage>, state: &BlockState) -> Result<Self, BlockError> {
+        Self::new(disk, state.config.clone())
+    }
+
     /// Counters.
     pub fn metrics(&self) -> BlockMetricsSnapshot {
         self.shared.metrics.snapshot()

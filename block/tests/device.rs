@@ -416,5 +416,8 @@ fn state_roundtrips_through_serde() {
     assert_eq!(back, state);
     let q = back.queues[0].to_queue().unwrap();
     assert_eq!(virtio_queue::QueueT::next_avail(&q), 1);
-    let _ = h.device().device_type();
+    let disk = RawImage::open(&dir.path("d.raw"), false).unwrap();
+    let again = Block::<vm_memory::GuestMemoryMmap>::from_state(Box::new(disk), &back).unwrap();
+    assert_eq!(again.device_features(), h.device().device_features());
+    assert_eq!(again.config_space(), h.device().config_space());
 }
