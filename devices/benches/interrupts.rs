@@ -23,9 +23,7 @@ use vmkit_devices::interrupt::InterruptSource;
 use vmkit_devices::ioapic::Ioapic;
 use vmkit_devices::kvm_irq::{KvmIrqRouter, enable_split_irqchip};
 use vmkit_devices::msi::{MsiMessage, MsiSink};
-use vmkit_devices::pci::{
-    BarKind, ConfigSpace, Msix, MsixConfig, PciBar, PciFunction, PciHeader, PciRoot,
-};
+use vmkit_devices::pci::{BarKind, ConfigSpace, Msix, MsixConfig, PciFunction, PciHeader, PciRoot};
 use vmkit_devices::{IoBuses, MutBusDevice};
 use vmkit_vcpu::test_utils::TinyGuest;
 use vmkit_vcpu::{KvmVm, VcpuRun};
@@ -43,14 +41,11 @@ impl MsiSink for Counting {
 struct Func(ConfigSpace);
 
 impl PciFunction for Func {
-    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
-        self.0.read(offset, data)
+    fn config_space(&self) -> &ConfigSpace {
+        &self.0
     }
-    fn config_write(&mut self, offset: u16, data: &[u8]) {
-        self.0.write(offset, data)
-    }
-    fn bars(&self) -> Vec<PciBar> {
-        self.0.bars()
+    fn config_space_mut(&mut self) -> &mut ConfigSpace {
+        &mut self.0
     }
     fn bar_read(&mut self, _: u8, _: u64, data: &mut [u8]) {
         data.fill(0)

@@ -23,8 +23,7 @@ use std::sync::atomic::{AtomicU8, AtomicU16, Ordering};
 use vm_memory::{GuestMemory, GuestMemoryMmap};
 use vmkit_devices::InterruptSource;
 use vmkit_devices::pci::{
-    BarKind, ConfigSpace, Msix, MsixConfig, MsixVector, PciBar, PciError, PciFunction, PciHeader,
-    cap_id,
+    BarKind, ConfigSpace, Msix, MsixConfig, MsixVector, PciError, PciFunction, PciHeader, cap_id,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -463,16 +462,12 @@ where
     D: VirtioDevice<M>,
     M: GuestMemory + Clone + Send + Sync + 'static,
 {
-    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
-        self.cfg.read(offset, data)
+    fn config_space(&self) -> &ConfigSpace {
+        &self.cfg
     }
 
-    fn config_write(&mut self, offset: u16, data: &[u8]) {
-        self.cfg.write(offset, data)
-    }
-
-    fn bars(&self) -> Vec<PciBar> {
-        self.cfg.bars()
+    fn config_space_mut(&mut self) -> &mut ConfigSpace {
+        &mut self.cfg
     }
 
     fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {

@@ -3,19 +3,19 @@
 //! mechanism #1 (0xCF8/0xCFC) and ECAM, which maps the functions' BARs on the VM's buses.
 //!
 //! A device model is a struct holding a [`ConfigSpace`] (and an [`Msix`] if it uses MSI-X); its
-//! [`PciFunction`] impl forwards config accesses to the config space and serves its BARs:
+//! [`PciFunction`] impl lends the config space (the trait does the config accesses) and serves
+//! its BARs:
 //!
 //! ```
 //! use std::sync::{Arc, Mutex};
 //! use vmkit_devices::IoBuses;
 //! use vmkit_devices::msi::RecordingMsiSink;
-//! use vmkit_devices::pci::{BarKind, ConfigSpace, Msix, MsixConfig, PciBar, PciFunction, PciHeader, PciRoot};
+//! use vmkit_devices::pci::{BarKind, ConfigSpace, Msix, MsixConfig, PciFunction, PciHeader, PciRoot};
 //!
 //! struct Dev { cfg: ConfigSpace, msix: Msix }
 //! impl PciFunction for Dev {
-//!     fn config_read(&mut self, offset: u16, data: &mut [u8]) { self.cfg.read(offset, data) }
-//!     fn config_write(&mut self, offset: u16, data: &[u8]) { self.cfg.write(offset, data) }
-//!     fn bars(&self) -> Vec<PciBar> { self.cfg.bars() }
+//!     fn config_space(&self) -> &ConfigSpace { &self.cfg }
+//!     fn config_space_mut(&mut self) -> &mut ConfigSpace { &mut self.cfg }
 //!     fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
 //!         if !self.msix.bar_read(bar, offset, data) { data.fill(0) }
 //!     }
@@ -207,21 +207,33 @@ pub struct PciBar {
     pub size: u64,
 }
 
-/// A PCI function as the root bus sees it. Device models implement this, normally by embedding a
-/// [`ConfigSpace`] and forwarding `config_read`, `config_write` and `bars` to it.
+/// A PCI function as the root bus sees it. A device model embeds a [`ConfigSpace`], lends it
+/// through [`config_space`](Self::config_space) / [`config_space_mut`](Self::config_space_mut)
+/// and serves its BARs; configuration accesses and BAR decoding come from the default methods
+/// (override them only for side effects on config accesses).
 ///
 /// The root bus guarantees for config accesses: `data.len()` is 1, 2 or 4, `offset` is aligned to
 /// it and `offset + data.len() <= 4096`; and for BAR accesses that `offset + data.len()` lies
 /// inside the BAR (as reported by [`PciFunction::bars`]). Implementations must still never panic
 /// on any value (a function may be driven directly, e.g. by fuzzers).
 pub trait PciFunction: Send {
+    /// The function's configuration space.
+    fn config_space(&self) -> &ConfigSpace;
+    /// The function's configuration space, mutably.
+    fn config_space_mut(&mut self) -> &mut ConfigSpace;
     /// Read configuration space at `offset`.
-    fn config_read(&mut self, offset: u16, data: &mut [u8]);
+    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
+        self.config_space().read(offset, data)
+    }
     /// Write configuration space at `offset`. The root bus re-reads [`PciFunction::bars`]
     /// afterwards and moves the BAR mappings on its buses to match.
-    fn config_write(&mut self, offset: u16, data: &[u8]);
+    fn config_write(&mut self, offset: u16, data: &[u8]) {
+        self.config_space_mut().write(offset, data)
+    }
     /// The BARs the function currently decodes ([`ConfigSpace::bars`]).
-    fn bars(&self) -> Vec<PciBar>;
+    fn bars(&self) -> Vec<PciBar> {
+        self.config_space().bars()
+    }
     /// A guest load from BAR `bar` at `offset` inside it.
     fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]);
     /// A guest store to BAR `bar` at `offset` inside it.

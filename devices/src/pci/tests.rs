@@ -377,14 +377,11 @@ struct TestFn {
 }
 
 impl PciFunction for TestFn {
-    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
-        self.cfg.read(offset, data)
+    fn config_space(&self) -> &ConfigSpace {
+        &self.cfg
     }
-    fn config_write(&mut self, offset: u16, data: &[u8]) {
-        self.cfg.write(offset, data)
-    }
-    fn bars(&self) -> Vec<PciBar> {
-        self.cfg.bars()
+    fn config_space_mut(&mut self) -> &mut ConfigSpace {
+        &mut self.cfg
     }
     fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
         if self.msix.bar_read(bar, offset, data) {

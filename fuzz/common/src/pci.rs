@@ -11,8 +11,7 @@ use arbitrary::{Arbitrary, Unstructured};
 use vmkit_devices::IoBuses;
 use vmkit_devices::msi::RecordingMsiSink;
 use vmkit_devices::pci::{
-    BarKind, ConfigSpace, Msix, MsixConfig, PciBar, PciFunction, PciHeader, PciRoot, cap_id,
-    ext_cap_id,
+    BarKind, ConfigSpace, Msix, MsixConfig, PciFunction, PciHeader, PciRoot, cap_id, ext_cap_id,
 };
 
 /// Where the ECAM window sits in the fuzzed VM.
@@ -67,14 +66,11 @@ struct Function {
 }
 
 impl PciFunction for Function {
-    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
-        self.cfg.read(offset, data)
+    fn config_space(&self) -> &ConfigSpace {
+        &self.cfg
     }
-    fn config_write(&mut self, offset: u16, data: &[u8]) {
-        self.cfg.write(offset, data)
-    }
-    fn bars(&self) -> Vec<PciBar> {
-        self.cfg.bars()
+    fn config_space_mut(&mut self) -> &mut ConfigSpace {
+        &mut self.cfg
     }
     fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
         if !self.msix.bar_read(bar, offset, data) {
