@@ -10,14 +10,14 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmkit_devices::IoBuses;
 use vmkit_devices::debug_exit::DebugExit;
 use vmkit_devices::interrupt::NoInterrupt;
-use vmkit_devices::kvm_irq::{KvmIrqRouter, enable_split_irqchip};
+use vmkit_devices::kvm_irq::{KvmIrqRouter, dup_vm_fd, enable_split_irqchip};
 use vmkit_devices::msi::RecordingMsiSink;
 use vmkit_devices::pci::{PciFunction, PciRoot, cap_id};
 use vmkit_devices::serial::Serial;
 use vmkit_vcpu::test_utils::{CODE_ADDR, DATA_ADDR, HarnessError, TinyGuest};
 use vmkit_vcpu::{ExitStats, KvmVcpu, KvmVm, RunOutcome, StopHandle};
 
-use crate::notify::{NotifyWorker, register_ioeventfds};
+use crate::notify::{DoorbellBinding, NotifyWorker, register_ioeventfds};
 use crate::pci::{MSIX_TABLE_OFFSET, NOTIFY_CFG_OFFSET, VirtioPciTransport};
 use crate::rng::Rng;
 
@@ -212,6 +212,19 @@ fn msix_cap(f: &mut impl PciFunction) -> u16 {
 /// handler counts it and the guest reports the count through the debug-exit port.
 #[test]
 fn kvm_msix_reaches_guest() {
+    msix_rng_guest(None);
+}
+
+/// As [`kvm_msix_reaches_guest`], but the guest moves BAR 0 (decode off, new base, decode on)
+/// after setting the device up and rings the doorbell at the new address: the transport's
+/// [`DoorbellBinding`](crate::notify::DoorbellBinding) moves the ioeventfd with it, so the kick
+/// still bypasses userspace.
+#[test]
+fn kvm_doorbell_ioeventfd_follows_bar_relocation() {
+    msix_rng_guest(Some(0xd100_0000));
+}
+
+fn msix_rng_guest(relocate_to: Option<u64>) {
     const VECTOR: u32 = 0x41;
     const BAR: u64 = 0xd000_0000;
     const DEV: u32 = 1;
@@ -270,6 +283,12 @@ fn kvm_msix_reaches_guest() {
             a.mov(rdi, AVAIL)?;
             a.mov(word_ptr(rdi + 4), 0u32)?;
             a.mov(word_ptr(rdi + 2), 1u32)?;
+            if let Some(to) = relocate_to {
+                cfg_write(a, 0x04, 0x4, true)?; // memory decode off (bus master stays on)
+                cfg_write(a, 0x10, to as u32, false)?;
+                cfg_write(a, 0x04, 0x6, true)?; // decode on at the new base
+                a.mov(rsi, to)?;
+            }
             a.mov(rdi, COUNTER)?;
             a.sti()?;
             a.mov(word_ptr(rsi + NOTIFY_CFG_OFFSET as i32), 0u32)?; // doorbell, queue 0
@@ -322,6 +341,10 @@ fn kvm_msix_reaches_guest() {
     // The guest will put BAR 0 at BAR: register the doorbell ioeventfd there.
     let doorbells = f.lock().unwrap().notify_addresses(BAR);
     let fds = register_ioeventfds(vm.fd(), &doorbells).unwrap();
+    if relocate_to.is_some() {
+        let binding = DoorbellBinding::new(dup_vm_fd(&vm).unwrap(), &fds, BAR).unwrap();
+        f.lock().unwrap().bind_doorbells(binding);
+    }
     let worker = NotifyWorker::spawn(f.clone(), fds).unwrap();
 
     let mut stats = ExitStats::default();
@@ -331,6 +354,10 @@ fn kvm_msix_reaches_guest() {
     let m = t.metrics();
     assert_eq!(r, RunOutcome::Stopped(1), "{m:?} {:?}", msix.stats());
     assert_eq!((m.notifies, m.trapped_notifies), (1, 0), "{m:?}");
+    if let Some(to) = relocate_to {
+        let b = t.doorbells().expect("bound doorbells");
+        assert_eq!((b.base(), b.failures()), (Some(to), 0));
+    }
     assert_eq!(m.bad_register_accesses, 0);
     assert_eq!(msix.stats().delivered, 1);
     assert_eq!(t.device().metrics().bytes, 16);

@@ -128,6 +128,74 @@ pub fn unregister_ioeventfds(
     Ok(())
 }
 
+/// Doorbell ioeventfds that follow their BAR.
+///
+/// Holds KVM registrations for a transport's doorbells at `base + offset` and moves them when
+/// the guest moves the BAR (or drops them while the BAR is not decoded), so kicks keep bypassing
+/// userspace after a guest reassigns BARs. The eventfds are duplicates of the ones a
+/// [`NotifyWorker`] waits on; KVM identifies an ioeventfd by its eventfd, not the fd number.
+#[derive(Debug)]
+pub struct DoorbellBinding {
+    vm: VmFd,
+    /// (offset from the BAR base, eventfd, queue).
+    doors: Vec<(u64, EventFd, u16)>,
+    base: Option<u64>,
+    failures: u64,
+}
+
+impl DoorbellBinding {
+    /// Take over `fds`, registered (by [`register_ioeventfds`], without datamatch) for a BAR at
+    /// `base`; `vm` is an owned handle to the VM fd (e.g. `vmkit_devices::kvm_irq::dup_vm_fd`).
+    pub fn new(vm: VmFd, fds: &[QueueEventFd], base: u64) -> Result<Self, NotifyError> {
+        let mut doors = Vec::with_capacity(fds.len());
+        for q in fds {
+            let offset = q.addr.checked_sub(base).ok_or(NotifyError::Ioeventfd {
+                addr: q.addr,
+                source: vmm_sys_util::errno::Error::new(libc::EINVAL),
+            })?;
+            doors.push((offset, q.fd.try_clone().map_err(NotifyError::Io)?, q.queue));
+        }
+        Ok(Self {
+            vm,
+            doors,
+            base: Some(base),
+            failures: 0,
+        })
+    }
+
+    /// Where the doorbells are registered now (`None` while the BAR is not decoded).
+    pub fn base(&self) -> Option<u64> {
+        self.base
+    }
+
+    /// Registrations that could not be moved (those doorbells then trap, which still works).
+    pub fn failures(&self) -> u64 {
+        self.failures
+    }
+
+    /// Move the registrations to a BAR at `base` (`None`: unregister them).
+    pub fn rebind(&mut self, base: Option<u64>) {
+        if base == self.base {
+            return;
+        }
+        for (offset, fd, _) in &self.doors {
+            if let Some(old) = self.base {
+                let a = IoEventAddress::Mmio(old + offset);
+                if self.vm.unregister_ioevent(fd, &a, NoDatamatch).is_err() {
+                    self.failures += 1;
+                }
+            }
+            if let Some(new) = base {
+                let a = IoEventAddress::Mmio(new.wrapping_add(*offset));
+                if self.vm.register_ioevent(fd, &a, NoDatamatch).is_err() {
+                    self.failures += 1;
+                }
+            }
+        }
+        self.base = base;
+    }
+}
+
 const STOP_TOKEN: u64 = u64::MAX;
 
 /// A thread that waits on queue eventfds and delivers each kick to the transport.

@@ -217,6 +217,7 @@ pub struct VirtioPciTransport<D, M = GuestMemoryMmap> {
     msix: Msix,
     isr: Arc<AtomicU8>,
     vectors: Arc<Vectors>,
+    doorbells: Option<crate::notify::DoorbellBinding>,
 }
 
 impl<D, M> VirtioPciTransport<D, M>
@@ -297,6 +298,7 @@ where
             msix,
             isr,
             vectors,
+            doorbells: None,
         })
     }
 
@@ -339,6 +341,17 @@ where
                 (bar_base + off, None, q)
             })
             .collect()
+    }
+
+    /// Hand the transport its doorbell ioeventfds so they follow BAR 0 when the guest moves it
+    /// (see [`crate::notify::DoorbellBinding`]).
+    pub fn bind_doorbells(&mut self, binding: crate::notify::DoorbellBinding) {
+        self.doorbells = Some(binding);
+    }
+
+    /// The bound doorbell ioeventfds, if any.
+    pub fn doorbells(&self) -> Option<&crate::notify::DoorbellBinding> {
+        self.doorbells.as_ref()
     }
 
     /// Where BAR 0 currently is, if programmed and enabled.
@@ -468,6 +481,15 @@ where
 
     fn config_space_mut(&mut self) -> &mut ConfigSpace {
         &mut self.cfg
+    }
+
+    /// A config write can move or stop decoding BAR 0: bound doorbell ioeventfds follow it.
+    fn config_write(&mut self, offset: u16, data: &[u8]) {
+        self.cfg.write(offset, data);
+        let now = self.bar_address();
+        if let Some(b) = self.doorbells.as_mut() {
+            b.rebind(now);
+        }
     }
 
     fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
