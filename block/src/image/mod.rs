@@ -120,6 +120,20 @@ pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<(), ImageE
     }
 }
 
+/// Check that a write of `offset..offset+len` is allowed: the image is writable and the range
+/// lies inside a disk of `size` bytes.
+pub(crate) fn check_writable(
+    read_only: bool,
+    offset: u64,
+    len: u64,
+    size: u64,
+) -> Result<(), ImageError> {
+    if read_only {
+        return Err(ImageError::ReadOnly);
+    }
+    check_range(offset, len, size)
+}
+
 /// Detect the format of the image at `path` from its first bytes.
 pub fn detect_format(path: &Path) -> Result<ImageFormat, ImageError> {
     use std::io::Read;

@@ -100,10 +100,7 @@ impl RawImage {
     }
 
     fn check_writable(&self, offset: u64, len: u64) -> Result<(), ImageError> {
-        if self.read_only {
-            return Err(ImageError::ReadOnly);
-        }
-        check_range(offset, len, self.size)
+        super::check_writable(self.read_only, offset, len, self.size)
     }
 }
 
