@@ -152,13 +152,6 @@ impl EntryFormat for EptFormat {
     fn leaf(&self, entry: u64, level: u8) -> Result<bool, ()> {
         Ok(level == 1 || (matches!(level, 2 | 3) && entry & eptf::PAGE_SIZE != 0))
     }
-    fn table_address(&self, entry: u64, _level: u8) -> u64 {
-        entry & flags::ADDR_MASK
-    }
-    fn page_address(&self, entry: u64, level: u8) -> u64 {
-        let size_mask = PageSize::from_level(level).map_or(0xfff, |s| s.bytes() - 1);
-        entry & flags::ADDR_MASK & !size_mask
-    }
     /// Misconfiguration (§29.3.3.1): write without read, unsupported execute-only, reserved
     /// bits, reserved memory types (2, 3, 7) in a leaf.
     fn reserved(&self, entry: u64, level: u8) -> bool {

@@ -153,10 +153,17 @@ pub trait EntryFormat {
     /// Returns `Err(())` if the entry claims to be a leaf at a level that cannot hold one.
     #[allow(clippy::result_unit_err)]
     fn leaf(&self, entry: u64, level: u8) -> Result<bool, ()>;
-    /// The physical address of the next table held in a non-leaf `entry`.
-    fn table_address(&self, entry: u64, level: u8) -> u64;
-    /// The page base held in a leaf `entry` at `level`.
-    fn page_address(&self, entry: u64, level: u8) -> u64;
+    /// The physical address of the next table held in a non-leaf `entry` (default: bits 51:12,
+    /// the layout IA-32e paging and EPT share).
+    fn table_address(&self, entry: u64, _level: u8) -> u64 {
+        entry & flags::ADDR_MASK
+    }
+    /// The page base held in a leaf `entry` at `level` (default: bits 51:12 with the offset bits
+    /// of a large page cleared — bit 12 of a 2 MiB/1 GiB leaf is PAT, not address).
+    fn page_address(&self, entry: u64, level: u8) -> u64 {
+        let size_mask = PageSize::from_level(level).map_or(0xfff, |s| s.bytes() - 1);
+        entry & flags::ADDR_MASK & !size_mask
+    }
     /// Whether a present `entry` at `level` has reserved bits set (a #PF with RSVD for guest
     /// paging, an EPT misconfiguration for EPT). No reserved bits unless a format says so.
     fn reserved(&self, _entry: u64, _level: u8) -> bool {
@@ -182,14 +189,6 @@ impl EntryFormat for X86Format {
             _ if entry & flags::PAGE_SIZE != 0 => Err(()),
             _ => Ok(false),
         }
-    }
-    fn table_address(&self, entry: u64, _level: u8) -> u64 {
-        entry & flags::ADDR_MASK
-    }
-    fn page_address(&self, entry: u64, level: u8) -> u64 {
-        // Bit 12 of a large-page entry is PAT, not an address bit.
-        let size_mask = PageSize::from_level(level).map_or(0xfff, |s| s.bytes() - 1);
-        entry & flags::ADDR_MASK & !size_mask
     }
 }
 
