@@ -31,8 +31,8 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::paging::{
-    EntryFormat, PageSize, PagingError, PhysReader, TableReader, WalkEnd, WalkStep, flags,
-    table_index, walk_core,
+    EntryFormat, PageSize, PagingError, PhysReader, TableArea, TableReader, WalkEnd, WalkStep,
+    flags, table_index, walk_core,
 };
 use crate::walk::AccessKind;
 
@@ -416,8 +416,7 @@ pub fn translate_phys<M: GuestMemory + ?Sized>(
 pub struct EptBuilder<'m, M: GuestMemory + ?Sized> {
     mem: &'m M,
     root: u64,
-    next: u64,
-    end: u64,
+    area: TableArea,
     ad: bool,
 }
 
@@ -425,22 +424,14 @@ impl<'m, M: GuestMemory + ?Sized> EptBuilder<'m, M> {
     /// Start new tables in `area_start..area_start + area_size` of host memory; the EPT PML4 is
     /// the first page.
     pub fn new(mem: &'m M, area_start: u64, area_size: u64) -> Result<Self, PagingError> {
-        if !area_start.is_multiple_of(0x1000) {
-            return Err(PagingError::Misaligned {
-                what: "table area",
-                value: area_start,
-                align: 0x1000,
-            });
-        }
-        let mut b = Self {
+        let mut area = TableArea::new(area_start, area_size)?;
+        let root = area.alloc(mem)?;
+        Ok(Self {
             mem,
-            root: 0,
-            next: area_start,
-            end: area_start.saturating_add(area_size),
+            root,
+            area,
             ad: false,
-        };
-        b.root = b.alloc()?;
-        Ok(b)
+        })
     }
 
     /// Enable accessed/dirty flags in the EPTP this builder reports.
@@ -452,18 +443,6 @@ impl<'m, M: GuestMemory + ?Sized> EptBuilder<'m, M> {
     /// The EPTP (WB, 4-level, A/D as configured).
     pub fn eptp(&self) -> u64 {
         eptp(self.root, 4, self.ad)
-    }
-
-    fn alloc(&mut self) -> Result<u64, PagingError> {
-        if self.next.checked_add(0x1000).is_none_or(|e| e > self.end) {
-            return Err(PagingError::OutOfTableSpace);
-        }
-        let a = self.next;
-        self.mem
-            .write_slice(&[0u8; 0x1000], GuestAddress(a))
-            .map_err(|source| PagingError::Memory { gpa: a, source })?;
-        self.next += 0x1000;
-        Ok(a)
     }
 
     fn rw(&self, a: u64, v: Option<u64>) -> Result<u64, PagingError> {
@@ -505,7 +484,7 @@ impl<'m, M: GuestMemory + ?Sized> EptBuilder<'m, M> {
             let slot = table + table_index(gpa, level) * 8;
             let e = self.rw(slot, None)?;
             table = if e & eptf::RWX == 0 {
-                let t = self.alloc()?;
+                let t = self.area.alloc(self.mem)?;
                 self.rw(slot, Some(t | eptf::RWX | eptf::USER_EXECUTE))?;
                 t
             } else if e & eptf::PAGE_SIZE != 0 {

@@ -401,34 +401,63 @@ pub fn translate<M: GuestMemory + ?Sized>(
     radix_walk(mem, &X86Format, cr3, va)
 }
 
+/// A bump allocator of zeroed 4 KiB table pages in a caller-chosen area, shared by the page-table
+/// builders (IA-32e and EPT).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TableArea {
+    next: u64,
+    end: u64,
+}
+
+impl TableArea {
+    /// The area `start..start + size`; `start` must be 4 KiB aligned.
+    pub(crate) fn new(start: u64, size: u64) -> Result<Self, PagingError> {
+        if !start.is_multiple_of(0x1000) {
+            return Err(PagingError::Misaligned {
+                what: "table area",
+                value: start,
+                align: 0x1000,
+            });
+        }
+        Ok(Self {
+            next: start,
+            end: start.saturating_add(size),
+        })
+    }
+
+    /// The next free address (the end of what was allocated).
+    pub(crate) fn next(&self) -> u64 {
+        self.next
+    }
+
+    /// Allocate one page and zero it in `mem`.
+    pub(crate) fn alloc<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<u64, PagingError> {
+        if self.next.checked_add(0x1000).is_none_or(|e| e > self.end) {
+            return Err(PagingError::OutOfTableSpace);
+        }
+        let gpa = self.next;
+        mem.write_slice(&[0u8; 0x1000], GuestAddress(gpa))
+            .map_err(|source| PagingError::Memory { gpa, source })?;
+        self.next += 0x1000;
+        Ok(gpa)
+    }
+}
+
 /// Writes IA-32e 4-level page tables into guest memory, allocating table pages from a
 /// caller-chosen area (a bump allocator; pages are zeroed when allocated).
 pub struct PageTableBuilder<'m, M: GuestMemory + ?Sized> {
     mem: &'m M,
     root: u64,
-    next: u64,
-    end: u64,
+    area: TableArea,
 }
 
 impl<'m, M: GuestMemory + ?Sized> PageTableBuilder<'m, M> {
     /// Start a new set of tables in `area_start..area_start + area_size`; the PML4 is the first
     /// page of the area.
     pub fn new(mem: &'m M, area_start: u64, area_size: u64) -> Result<Self, PagingError> {
-        if !area_start.is_multiple_of(0x1000) {
-            return Err(PagingError::Misaligned {
-                what: "table area",
-                value: area_start,
-                align: 0x1000,
-            });
-        }
-        let mut b = Self {
-            mem,
-            root: 0,
-            next: area_start,
-            end: area_start.saturating_add(area_size),
-        };
-        b.root = b.alloc_table()?;
-        Ok(b)
+        let mut area = TableArea::new(area_start, area_size)?;
+        let root = area.alloc(mem)?;
+        Ok(Self { mem, root, area })
     }
 
     /// The value to load into CR3 (the PML4's address; PCD/PWT clear).
@@ -438,19 +467,7 @@ impl<'m, M: GuestMemory + ?Sized> PageTableBuilder<'m, M> {
 
     /// Bytes of the table area used so far, counting from the PML4.
     pub fn used(&self) -> u64 {
-        self.next - self.root
-    }
-
-    fn alloc_table(&mut self) -> Result<u64, PagingError> {
-        if self.next.checked_add(0x1000).is_none_or(|e| e > self.end) {
-            return Err(PagingError::OutOfTableSpace);
-        }
-        let gpa = self.next;
-        self.mem
-            .write_slice(&[0u8; 0x1000], GuestAddress(gpa))
-            .map_err(|source| PagingError::Memory { gpa, source })?;
-        self.next += 0x1000;
-        Ok(gpa)
+        self.area.next() - self.root
     }
 
     fn read(&self, gpa: u64) -> Result<u64, PagingError> {
@@ -491,7 +508,7 @@ impl<'m, M: GuestMemory + ?Sized> PageTableBuilder<'m, M> {
             let slot = table + table_index(va, level) * 8;
             let e = self.read(slot)?;
             table = if e & flags::PRESENT == 0 {
-                let t = self.alloc_table()?;
+                let t = self.area.alloc(self.mem)?;
                 self.write(slot, t | flags::PRESENT | flags::WRITABLE | flags::USER)?;
                 t
             } else if e & flags::PAGE_SIZE != 0 {
