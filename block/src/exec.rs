@@ -151,6 +151,28 @@ impl SyncExecutor {
         finish(mem, req.status_addr, status, used_len, metrics)
     }
 
+    /// Move `len` bytes between the guest segments `data` and a raw file at `offset` with one
+    /// preadv/pwritev: `to_disk` for OUT (the device reads guest memory), else IN.
+    fn transfer_vectored<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        fd: RawFd,
+        data: &[DataSegment],
+        offset: u64,
+        len: u64,
+        to_disk: bool,
+    ) -> Result<(), ExecError> {
+        self.iov.clear();
+        // For IN the device writes guest buffers; for OUT it reads them.
+        guest_iovecs(mem, data, !to_disk, &mut self.iov)?;
+        let n = rw_vectored(fd, &mut self.iov, offset, to_disk);
+        self.iov.clear();
+        if n? != len {
+            return Err(ExecError::Short);
+        }
+        Ok(())
+    }
+
     /// Do the I/O; returns bytes written into guest buffers.
     fn run<M: GuestMemory + ?Sized>(
         &mut self,
@@ -164,13 +186,7 @@ impl SyncExecutor {
                 let offset = sector << SECTOR_SHIFT;
                 let len = req.data_len();
                 if let Some(fd) = disk.raw_fd() {
-                    self.iov.clear();
-                    guest_iovecs(mem, data, true, &mut self.iov)?;
-                    let n = rw_vectored(fd, &mut self.iov, offset, false);
-                    self.iov.clear();
-                    if n? != len {
-                        return Err(ExecError::Short);
-                    }
+                    self.transfer_vectored(mem, fd, data, offset, len, false)?;
                 } else {
                     // Segment by segment: the bounce buffer never exceeds `size_max`.
                     let mut off = offset;
@@ -192,13 +208,7 @@ impl SyncExecutor {
                 let offset = sector << SECTOR_SHIFT;
                 let len = req.data_len();
                 if let Some(fd) = disk.raw_fd() {
-                    self.iov.clear();
-                    guest_iovecs(mem, data, false, &mut self.iov)?;
-                    let n = rw_vectored(fd, &mut self.iov, offset, true);
-                    self.iov.clear();
-                    if n? != len {
-                        return Err(ExecError::Short);
-                    }
+                    self.transfer_vectored(mem, fd, data, offset, len, true)?;
                 } else {
                     let mut off = offset;
                     for s in data {
