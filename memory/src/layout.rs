@@ -319,7 +319,7 @@ impl GuestLayoutBuilder {
         for r in regions.iter().chain(&self.extra) {
             check_region(r, max_phys_bits)?;
         }
-        let ram: Vec<Region> = regions.clone();
+        let ram = regions.as_slice();
         for r in &self.extra {
             // Straddling an edge of the hole is always an error.
             let in_hole = |a: u64| a >= hs && a < he;
