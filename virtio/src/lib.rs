@@ -19,6 +19,7 @@
 
 mod core;
 pub mod device;
+pub mod memory;
 pub mod mmio;
 pub mod notify;
 pub mod pci;
