@@ -10,6 +10,7 @@
 pub mod qcow2;
 pub mod raw;
 
+use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::RawFd;
 use std::path::Path;
 
@@ -75,6 +76,30 @@ pub trait DiskImage: Send {
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), ImageError>;
     /// Make `len` bytes at `offset` read as zeroes; `unmap` allows releasing their storage.
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), ImageError>;
+    /// Fill `bufs`, in order, with the disk's bytes from `offset` on (one request's scattered
+    /// guest buffers). The default reads buffer by buffer; formats override it to move the
+    /// data in one vectored operation, without a bounce buffer.
+    fn read_vectored(
+        &mut self,
+        bufs: &mut [IoSliceMut<'_>],
+        offset: u64,
+    ) -> Result<(), ImageError> {
+        let mut off = offset;
+        for b in bufs {
+            self.read_at(b, off)?;
+            off += b.len() as u64;
+        }
+        Ok(())
+    }
+    /// Store `bufs`, in order, at `offset` (see [`DiskImage::read_vectored`]).
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>], offset: u64) -> Result<(), ImageError> {
+        let mut off = offset;
+        for b in bufs {
+            self.write_at(b, off)?;
+            off += b.len() as u64;
+        }
+        Ok(())
+    }
     /// A file descriptor whose byte `n` is disk byte `n`, if the format has one (raw only).
     /// Engines such as io_uring use it to submit I/O directly.
     fn raw_fd(&self) -> Option<RawFd> {
@@ -107,9 +132,24 @@ impl<T: DiskImage + ?Sized> DiskImage for Box<T> {
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), ImageError> {
         (**self).write_zeroes(offset, len, unmap)
     }
+    fn read_vectored(
+        &mut self,
+        bufs: &mut [IoSliceMut<'_>],
+        offset: u64,
+    ) -> Result<(), ImageError> {
+        (**self).read_vectored(bufs, offset)
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>], offset: u64) -> Result<(), ImageError> {
+        (**self).write_vectored(bufs, offset)
+    }
     fn raw_fd(&self) -> Option<RawFd> {
         (**self).raw_fd()
     }
+}
+
+/// Total bytes of a buffer list.
+pub(crate) fn total_len(bufs: &[impl std::ops::Deref<Target = [u8]>]) -> u64 {
+    bufs.iter().map(|b| b.len() as u64).sum()
 }
 
 /// Check that `offset..offset+len` lies inside a disk of `size` bytes.

@@ -5,9 +5,12 @@
 //! chains. Built with its `sync` feature it is plain synchronous code, which is what
 //! [`DiskImage`] needs; this module only maps its calls onto the trait.
 
+use std::io::{IoSlice, IoSliceMut};
 use std::path::Path;
 
+use imago::Mapping;
 use imago::file::File as ImagoFile;
+use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2;
 use imago::storage::StorageCreateOptions;
 use imago::{
@@ -38,6 +41,9 @@ pub struct Qcow2Image {
     access: FormatAccess<ImagoFile>,
     size: u64,
     read_only: bool,
+    /// Our own handle on the image file, for data I/O on clusters the image already owns;
+    /// `None` when the image keeps its data in an external data file.
+    data: Option<std::fs::File>,
 }
 
 impl std::fmt::Debug for Qcow2Image {
@@ -86,13 +92,48 @@ impl Qcow2Image {
             .write(!read_only)
             .open(PermissiveImplicitOpenGate::default())
             .map_err(ImageError::Format)?;
+        Self::wrap(qcow2, path, read_only)
+    }
+
+    fn wrap(qcow2: Qcow2<ImagoFile>, path: &Path, read_only: bool) -> Result<Self, ImageError> {
+        let data = if qcow2.requires_external_data_file() {
+            None
+        } else {
+            Some(
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(!read_only)
+                    .open(path)
+                    .map_err(ImageError::Io)?,
+            )
+        };
         let access = FormatAccess::new(qcow2);
         let size = access.size();
         Ok(Self {
             access,
             size,
             read_only,
+            data,
         })
+    }
+
+    /// Where `offset..offset+len` lives in the image file, when it is one stretch of clusters
+    /// this image owns outright (allocated, not compressed, not shared with a snapshot): imago
+    /// reports those as writable raw mappings, which may be read and written directly.
+    /// Everything else (unallocated, zero, compressed or backing-file data) returns `None`.
+    fn owned_stretch(&self, offset: u64, len: u64) -> Option<(&std::fs::File, u64)> {
+        let file = self.data.as_ref()?;
+        match self.access.get_mapping(offset, len) {
+            Ok((
+                Mapping::Raw {
+                    offset: host,
+                    writable: true,
+                    ..
+                },
+                mapped,
+            )) if mapped >= len => Some((file, host)),
+            _ => None,
+        }
     }
 
     /// Open a qcow2 image without opening anything it names (backing file, external data
@@ -108,13 +149,7 @@ impl Qcow2Image {
             .write(!read_only)
             .open(DenyImplicitOpenGate::default())
             .map_err(ImageError::Format)?;
-        let access = FormatAccess::new(qcow2);
-        let size = access.size();
-        Ok(Self {
-            access,
-            size,
-            read_only,
-        })
+        Self::wrap(qcow2, path, read_only)
     }
 
     fn check_writable(&self, offset: u64, len: u64) -> Result<(), ImageError> {
@@ -149,6 +184,48 @@ impl DiskImage for Qcow2Image {
             return Ok(());
         }
         self.access.write(buf, offset).map_err(ImageError::Io)
+    }
+
+    fn read_vectored(
+        &mut self,
+        bufs: &mut [IoSliceMut<'_>],
+        offset: u64,
+    ) -> Result<(), ImageError> {
+        let len = super::total_len(bufs);
+        check_range(offset, len, self.size)?;
+        if len > 0
+            && let Some((file, host)) = self.owned_stretch(offset, len)
+        {
+            return super::raw::read_vectored_at(file, bufs, host);
+        }
+        let v: Vec<IoSliceMut<'_>> = bufs
+            .iter_mut()
+            .filter(|b| !b.is_empty())
+            .map(|b| IoSliceMut::new(b))
+            .collect();
+        if v.is_empty() {
+            return Ok(());
+        }
+        self.access
+            .readv(IoVectorMut::from(v), offset)
+            .map_err(ImageError::Io)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>], offset: u64) -> Result<(), ImageError> {
+        self.check_writable(offset, super::total_len(bufs))?;
+        let len = super::total_len(bufs);
+        if len == 0 {
+            return Ok(());
+        }
+        // Overwriting data this image already owns (the common case once a guest has written
+        // a cluster) goes straight to the file; anything else through imago's allocating write.
+        if let Some((file, host)) = self.owned_stretch(offset, len) {
+            return super::raw::write_vectored_at(file, bufs, host);
+        }
+        let v: Vec<IoSlice<'_>> = bufs.iter().filter(|b| !b.is_empty()).copied().collect();
+        self.access
+            .writev(IoVector::from(v), offset)
+            .map_err(ImageError::Io)
     }
 
     fn flush(&mut self) -> Result<(), ImageError> {
