@@ -1,16 +1,16 @@
 //! Synchronous execution of a parsed [`Request`] against a [`DiskImage`].
 //!
-//! Reads and writes of raw images go straight between the file and guest memory
-//! (`preadv`/`pwritev` on the guest's buffers); other formats go through a bounce buffer, one
-//! data segment at a time (so it never exceeds `size_max`).
+//! Reads and writes hand the guest's own buffers to the image as one vectored operation
+//! ([`DiskImage::read_vectored`] / [`DiskImage::write_vectored`]): a raw image does one
+//! `pread`/`preadv` on them, a qcow2 image one imago `readv`/`writev`; no bounce buffer.
 
-use std::os::fd::RawFd;
+use std::io::{IoSlice, IoSliceMut};
 
 use vm_memory::GuestMemory;
 
 use crate::defs::*;
 use crate::image::{DiskImage, ImageError};
-use crate::metrics::{BlockMetrics, add, inc};
+use crate::metrics::{BlockMetrics, BlockMetricsSnapshot};
 use crate::request::{DataSegment, DiscardSegment, Request, RequestKind};
 
 /// Errors while executing a request.
@@ -52,64 +52,9 @@ pub(crate) fn guest_iovecs<M: GuestMemory + ?Sized>(
     Ok(())
 }
 
-/// `preadv`/`pwritev` the whole of `iov` at `offset`, continuing after partial transfers.
-fn rw_vectored(
-    fd: RawFd,
-    iov: &mut [libc::iovec],
-    mut offset: u64,
-    write: bool,
-) -> Result<u64, ExecError> {
-    let mut done = 0u64;
-    let mut start = 0usize;
-    while start < iov.len() {
-        let rest = iov.get(start..).unwrap_or(&[]);
-        let cnt = rest.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
-        let off = libc::off_t::try_from(offset).map_err(|_| ExecError::Short)?;
-        // SAFETY: every iovec points into guest memory that `guest_iovecs` obtained from
-        // `get_slices` for exactly that length; the memory stays mapped for this call.
-        let n = unsafe {
-            if write {
-                libc::pwritev(fd, rest.as_ptr(), cnt, off)
-            } else {
-                libc::preadv(fd, rest.as_ptr(), cnt, off)
-            }
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(ExecError::Image(ImageError::Io(e)));
-        }
-        if n == 0 {
-            return Err(ExecError::Short);
-        }
-        let mut n = n as usize;
-        done += n as u64;
-        offset += n as u64;
-        while n > 0 {
-            let Some(v) = iov.get_mut(start) else { break };
-            if n >= v.iov_len {
-                n -= v.iov_len;
-                start += 1;
-            } else {
-                // SAFETY: advancing inside the same iovec's buffer (n < iov_len).
-                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
-                v.iov_len -= n;
-                n = 0;
-            }
-        }
-        while iov.get(start).is_some_and(|v| v.iov_len == 0) {
-            start += 1;
-        }
-    }
-    Ok(done)
-}
-
-/// Runs requests synchronously; keeps a bounce buffer between calls.
+/// Runs requests synchronously; keeps its iovec list between calls.
 #[derive(Debug, Default)]
 pub struct SyncExecutor {
-    bounce: Vec<u8>,
     iov: Vec<libc::iovec>,
     /// The 20-byte `VIRTIO_BLK_T_GET_ID` answer.
     pub id: [u8; VIRTIO_BLK_ID_BYTES],
@@ -136,41 +81,71 @@ impl SyncExecutor {
         disk: &mut dyn DiskImage,
         metrics: &BlockMetrics,
     ) -> Outcome {
-        let result = self.run(req, mem, disk, metrics);
+        let mut tally = BlockMetricsSnapshot::default();
+        let out = self.execute_tallied(req, mem, disk, &mut tally);
+        metrics.add(&tally);
+        out
+    }
+
+    /// [`SyncExecutor::execute`] counting into a plain `tally`, for callers that add many
+    /// requests' counts to the shared [`BlockMetrics`] at once.
+    pub fn execute_tallied<M: GuestMemory + ?Sized>(
+        &mut self,
+        req: &Request,
+        mem: &M,
+        disk: &mut dyn DiskImage,
+        tally: &mut BlockMetricsSnapshot,
+    ) -> Outcome {
+        let result = self.run(req, mem, disk, tally);
         let (status, used_len) = match result {
             Ok(data_written) => (VIRTIO_BLK_S_OK as u8, data_written.saturating_add(1)),
             Err(ExecError::Memory) => {
-                inc(&metrics.memory_errors);
+                tally.memory_errors += 1;
                 (VIRTIO_BLK_S_IOERR as u8, 1)
             }
             Err(_) => {
-                inc(&metrics.io_errors);
+                tally.io_errors += 1;
                 (VIRTIO_BLK_S_IOERR as u8, 1)
             }
         };
-        finish(mem, req.status_addr, status, used_len, metrics)
+        finish(mem, req.status_addr, status, used_len, tally)
     }
 
-    /// Move `len` bytes between the guest segments `data` and a raw file at `offset` with one
-    /// preadv/pwritev: `to_disk` for OUT (the device reads guest memory), else IN.
-    fn transfer_vectored<M: GuestMemory + ?Sized>(
+    /// Move the data of a read (`to_disk == false`) or write between the guest segments
+    /// `data` and the disk at `offset`, as one vectored image operation straight on guest
+    /// memory.
+    fn transfer<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
-        fd: RawFd,
+        disk: &mut dyn DiskImage,
         data: &[DataSegment],
         offset: u64,
-        len: u64,
         to_disk: bool,
     ) -> Result<(), ExecError> {
         self.iov.clear();
         // For IN the device writes guest buffers; for OUT it reads them.
         guest_iovecs(mem, data, !to_disk, &mut self.iov)?;
-        let n = rw_vectored(fd, &mut self.iov, offset, to_disk);
+        let r = if to_disk {
+            // SAFETY: `IoSlice` is ABI-compatible with `iovec` (std guarantees it on Unix);
+            // each iovec names guest memory that `guest_iovecs` got from `get_slices` for
+            // exactly that length, and the memory stays mapped while `mem` is borrowed.
+            let bufs = unsafe {
+                std::slice::from_raw_parts(self.iov.as_ptr().cast::<IoSlice<'_>>(), self.iov.len())
+            };
+            disk.write_vectored(bufs, offset)
+        } else {
+            // SAFETY: as above, with `IoSliceMut`; the device owns these device-writable
+            // buffers until it puts the chain on the used ring.
+            let bufs = unsafe {
+                std::slice::from_raw_parts_mut(
+                    self.iov.as_mut_ptr().cast::<IoSliceMut<'_>>(),
+                    self.iov.len(),
+                )
+            };
+            disk.read_vectored(bufs, offset)
+        };
         self.iov.clear();
-        if n? != len {
-            return Err(ExecError::Short);
-        }
-        Ok(())
+        r.map_err(ExecError::Image)
     }
 
     /// Do the I/O; returns bytes written into guest buffers.
@@ -179,54 +154,26 @@ impl SyncExecutor {
         req: &Request,
         mem: &M,
         disk: &mut dyn DiskImage,
-        metrics: &BlockMetrics,
+        metrics: &mut BlockMetricsSnapshot,
     ) -> Result<u32, ExecError> {
         match &req.kind {
             RequestKind::In { sector, data } => {
-                let offset = sector << SECTOR_SHIFT;
                 let len = req.data_len();
-                if let Some(fd) = disk.raw_fd() {
-                    self.transfer_vectored(mem, fd, data, offset, len, false)?;
-                } else {
-                    // Segment by segment: the bounce buffer never exceeds `size_max`.
-                    let mut off = offset;
-                    for s in data {
-                        self.bounce.resize(s.len as usize, 0);
-                        disk.read_at(&mut self.bounce, off)
-                            .map_err(ExecError::Image)?;
-                        if !crate::guest::write(mem, &self.bounce, s.addr) {
-                            return Err(ExecError::Memory);
-                        }
-                        off += u64::from(s.len);
-                    }
-                }
-                inc(&metrics.reads);
-                add(&metrics.read_bytes, len);
+                self.transfer(mem, disk, data, sector << SECTOR_SHIFT, false)?;
+                metrics.reads += 1;
+                metrics.read_bytes += len;
                 Ok(len as u32)
             }
             RequestKind::Out { sector, data } => {
-                let offset = sector << SECTOR_SHIFT;
                 let len = req.data_len();
-                if let Some(fd) = disk.raw_fd() {
-                    self.transfer_vectored(mem, fd, data, offset, len, true)?;
-                } else {
-                    let mut off = offset;
-                    for s in data {
-                        self.bounce.resize(s.len as usize, 0);
-                        if !crate::guest::read(mem, &mut self.bounce, s.addr) {
-                            return Err(ExecError::Memory);
-                        }
-                        disk.write_at(&self.bounce, off).map_err(ExecError::Image)?;
-                        off += u64::from(s.len);
-                    }
-                }
-                inc(&metrics.writes);
-                add(&metrics.write_bytes, len);
+                self.transfer(mem, disk, data, sector << SECTOR_SHIFT, true)?;
+                metrics.writes += 1;
+                metrics.write_bytes += len;
                 Ok(0)
             }
             RequestKind::Flush => {
                 disk.flush().map_err(ExecError::Image)?;
-                inc(&metrics.flushes);
+                metrics.flushes += 1;
                 Ok(0)
             }
             RequestKind::GetId { data } => {
@@ -241,19 +188,19 @@ impl SyncExecutor {
                     }
                     written += n;
                 }
-                inc(&metrics.get_ids);
+                metrics.get_ids += 1;
                 Ok(written as u32)
             }
             RequestKind::Discard(segs) => {
                 run_segments(disk, segs, |d, off, len, _| d.discard(off, len))?;
-                inc(&metrics.discards);
+                metrics.discards += 1;
                 Ok(0)
             }
             RequestKind::WriteZeroes(segs) => {
                 run_segments(disk, segs, |d, off, len, unmap| {
                     d.write_zeroes(off, len, unmap)
                 })?;
-                inc(&metrics.write_zeroes);
+                metrics.write_zeroes += 1;
                 Ok(0)
             }
         }
@@ -283,10 +230,10 @@ pub(crate) fn finish<M: GuestMemory + ?Sized>(
     status_addr: vm_memory::GuestAddress,
     status: u8,
     used_len: u32,
-    metrics: &BlockMetrics,
+    tally: &mut BlockMetricsSnapshot,
 ) -> Outcome {
     if !crate::guest::write(mem, &[status], status_addr) {
-        inc(&metrics.memory_errors);
+        tally.memory_errors += 1;
         return Outcome {
             status,
             used_len: 0,

@@ -1,12 +1,12 @@
-//! Guest memory accesses of the request path, with a fast path for plain (non-IOMMU) memory.
+//! Guest memory accesses of the request path.
 //!
-//! vm-memory 0.18's generic `GuestMemory` accessors walk a slice iterator on every call. When
-//! the memory is plain physical memory (`physical_memory()` is `Some`) and the range sits in one
-//! region, one region lookup gives the `VolatileSlice` directly; anything else (IOMMU-translated
-//! memory, ranges crossing regions, errors) takes the generic path, so results are identical.
+//! Everything goes through the memory's own `GuestMemory` accessors. The queue worker hands in
+//! a [`vmkit_virtio::memory::CachedMemory`] view whenever the memory is plain (no IOMMU), which
+//! serves single-region accesses without vm-memory's generic lookup and slice iterator; IOMMU
+//! memory keeps its translation and permission checks.
 
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 /// Whether `addr..addr+len` is accessible with `perm`.
 pub(crate) fn check<M: GuestMemory + ?Sized>(
@@ -15,32 +15,16 @@ pub(crate) fn check<M: GuestMemory + ?Sized>(
     len: usize,
     perm: Permissions,
 ) -> bool {
-    if let Some(pm) = mem.physical_memory()
-        && pm.get_slice(addr, len).is_ok()
-    {
-        return true;
-    }
     mem.check_range(addr, len, perm)
 }
 
 /// Fill `buf` from guest memory at `addr`.
 pub(crate) fn read<M: GuestMemory + ?Sized>(mem: &M, buf: &mut [u8], addr: GuestAddress) -> bool {
-    if let Some(pm) = mem.physical_memory()
-        && let Ok(s) = pm.get_slice(addr, buf.len())
-    {
-        return s.copy_to(buf) == buf.len();
-    }
     mem.read_slice(buf, addr).is_ok()
 }
 
 /// Store `buf` in guest memory at `addr`.
 pub(crate) fn write<M: GuestMemory + ?Sized>(mem: &M, buf: &[u8], addr: GuestAddress) -> bool {
-    if let Some(pm) = mem.physical_memory()
-        && let Ok(s) = pm.get_slice(addr, buf.len())
-    {
-        s.copy_from(buf);
-        return true;
-    }
     mem.write_slice(buf, addr).is_ok()
 }
 
@@ -52,18 +36,6 @@ pub(crate) fn iovecs<M: GuestMemory + ?Sized>(
     device_writes: bool,
     out: &mut Vec<libc::iovec>,
 ) -> bool {
-    if let Some(pm) = mem.physical_memory()
-        && let Ok(slice) = pm.get_slice(addr, len)
-    {
-        if device_writes {
-            slice.bitmap().mark_dirty(0, slice.len());
-        }
-        out.push(libc::iovec {
-            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-            iov_len: slice.len(),
-        });
-        return true;
-    }
     let perm = if device_writes {
         Permissions::Write
     } else {

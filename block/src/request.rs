@@ -210,6 +210,22 @@ impl Request {
     }
 }
 
+impl Request {
+    /// The request's data segments vector (emptied), to hand to [`parse_reusing`] for the
+    /// next request; `None` for requests without data segments.
+    pub fn into_segments(self) -> Option<Vec<DataSegment>> {
+        match self.kind {
+            RequestKind::In { mut data, .. }
+            | RequestKind::Out { mut data, .. }
+            | RequestKind::GetId { mut data } => {
+                data.clear();
+                Some(data)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// A chain that could not be parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rejected {
@@ -267,6 +283,22 @@ where
     M: Deref + Clone,
     M::Target: GuestMemory,
 {
+    parse_reusing(chain, cfg, scratch, Vec::new())
+}
+
+/// [`parse_with`] that also reuses `data` (emptied first) for the request's data segments, so
+/// a loop that hands back each finished request's segments ([`Request::into_segments`])
+/// parses reads and writes without allocating.
+pub fn parse_reusing<M>(
+    chain: DescriptorChain<M>,
+    cfg: &ParseConfig,
+    scratch: &mut Vec<Descriptor>,
+    data: Vec<DataSegment>,
+) -> Result<Request, Rejected>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
     let head_index = chain.head_index();
     scratch.clear();
     for d in chain.clone() {
@@ -275,7 +307,7 @@ where
         }
         scratch.push(d);
     }
-    parse_descriptors(chain.memory(), head_index, scratch, cfg)
+    parse_descriptors_into(chain.memory(), head_index, scratch, cfg, data)
 }
 
 /// Parse a chain given as the descriptors its iterator yielded (the core of [`parse`]).
@@ -288,6 +320,16 @@ pub fn parse_descriptors<M: GuestMemory + ?Sized>(
     head_index: u16,
     descs: &[Descriptor],
     cfg: &ParseConfig,
+) -> Result<Request, Rejected> {
+    parse_descriptors_into(mem, head_index, descs, cfg, Vec::new())
+}
+
+fn parse_descriptors_into<M: GuestMemory + ?Sized>(
+    mem: &M,
+    head_index: u16,
+    descs: &[Descriptor],
+    cfg: &ParseConfig,
+    data_buf: Vec<DataSegment>,
 ) -> Result<Request, Rejected> {
     let reject = |status_addr, error| Rejected {
         head_index,
@@ -339,7 +381,7 @@ pub fn parse_descriptors<M: GuestMemory + ?Sized>(
             if is_write && cfg.read_only {
                 return fail(RequestError::ReadOnly);
             }
-            let data = match data_segments(mem, data_descs, !is_write, cfg) {
+            let data = match data_segments(mem, data_descs, !is_write, cfg, data_buf) {
                 Ok(d) => d,
                 Err(e) => return fail(e),
             };
@@ -363,7 +405,7 @@ pub fn parse_descriptors<M: GuestMemory + ?Sized>(
             RequestKind::Flush
         }
         VIRTIO_BLK_T_GET_ID => {
-            let data = match data_segments(mem, data_descs, true, cfg) {
+            let data = match data_segments(mem, data_descs, true, cfg, data_buf) {
                 Ok(d) => d,
                 Err(e) => return fail(e),
             };
@@ -407,6 +449,7 @@ fn data_segments<M: GuestMemory + ?Sized>(
     descs: &[Descriptor],
     device_writes: bool,
     cfg: &ParseConfig,
+    mut out: Vec<DataSegment>,
 ) -> Result<Vec<DataSegment>, RequestError> {
     if descs.len() > cfg.seg_max as usize {
         return Err(RequestError::TooManySegments);
@@ -416,7 +459,8 @@ fn data_segments<M: GuestMemory + ?Sized>(
     } else {
         Permissions::Read
     };
-    let mut out = Vec::with_capacity(descs.len());
+    out.clear();
+    out.reserve(descs.len());
     for d in descs {
         if d.is_write_only() != device_writes {
             return Err(RequestError::DataWrongDirection);

@@ -4,19 +4,20 @@
 //! [`QueueWorker`] serves one virtqueue; with `VIRTIO_BLK_F_MQ` the device has one per queue,
 //! all sharing one [`BlockShared`] (image, metrics, rate limiter, parser configuration).
 
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemory;
+use vmkit_virtio::memory::CachedMemory;
 
 use crate::defs::*;
 use crate::exec::{Outcome, SyncExecutor, finish};
 use crate::image::DiskImage;
-use crate::metrics::{BlockMetrics, add, inc};
+use crate::metrics::{BlockMetrics, BlockMetricsSnapshot};
 use crate::rate_limiter::RateLimiter;
-use crate::request::{ParseConfig, parse_with};
+use crate::request::{DataSegment, ParseConfig, parse_reusing};
 use crate::uring::{Done, OpKind, UringEngine, UringError};
 use virtio_queue::desc::split::Descriptor;
 
@@ -81,6 +82,8 @@ pub struct QueueWorker {
     exec: SyncExecutor,
     uring: Option<UringEngine>,
     scratch: Vec<Descriptor>,
+    /// Data segments of the last finished request, reused by the next one.
+    spare: Vec<DataSegment>,
     done: Vec<Done>,
 }
 
@@ -101,6 +104,7 @@ impl QueueWorker {
             exec: SyncExecutor::new(id),
             uring,
             scratch: Vec::with_capacity(8),
+            spare: Vec::with_capacity(8),
             done: Vec::new(),
         })
     }
@@ -116,15 +120,47 @@ impl QueueWorker {
     }
 
     /// Take every available chain of `queue` and run or submit it.
+    ///
+    /// Plain (non-IOMMU) memory is accessed through a [`CachedMemory`] view for the whole pass.
     pub fn process<M: GuestMemory>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
         shared: &BlockShared,
     ) -> Result<Pass, WorkerError> {
+        match mem.physical_memory() {
+            Some(pm) => self.process_in(queue, &CachedMemory::new(pm), shared),
+            None => self.process_in(queue, mem, shared),
+        }
+    }
+
+    fn process_in<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        shared: &BlockShared,
+    ) -> Result<Pass, WorkerError> {
+        // Counts of the whole pass are added to the shared metrics once, even on error.
+        let mut tally = BlockMetricsSnapshot::default();
+        let r = self.pass(queue, mem, shared, &mut tally);
+        shared.metrics.add(&tally);
+        r
+    }
+
+    fn pass<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        shared: &BlockShared,
+        tally: &mut BlockMetricsSnapshot,
+    ) -> Result<Pass, WorkerError> {
         let qerr = WorkerError::Queue;
         let mut pass = Pass::default();
-        let metrics = &shared.metrics;
+        // Locked instructions cost more than the rest of a request's bookkeeping, so the
+        // limiter is asked once per pass whether it limits at all, and the image lock, once
+        // taken, is held until the pass ends (other queues of the device wait at most one pass).
+        let limited = shared.limiter.lock().is_ok_and(|l| l.is_active());
+        let mut disk: Option<MutexGuard<'_, Box<dyn DiskImage>>> = None;
         'outer: loop {
             queue.disable_notification(mem).map_err(qerr)?;
             let mut popped = 0u32;
@@ -133,16 +169,17 @@ impl QueueWorker {
                 let head = chain.head_index();
                 if head >= queue.size() {
                     // No used-ring entry can name this head: drop it, counted.
-                    inc(&metrics.invalid_chains);
+                    tally.invalid_chains += 1;
                     continue;
                 }
-                let req = match parse_with(chain, &shared.parse_cfg, &mut self.scratch) {
+                let spare = std::mem::take(&mut self.spare);
+                let req = match parse_reusing(chain, &shared.parse_cfg, &mut self.scratch, spare) {
                     Ok(req) => req,
                     Err(rej) => {
-                        metrics.count_rejection(&rej.error);
+                        tally.count_rejection(&rej.error);
                         let used = match (rej.status_addr, rej.error.status()) {
                             (Some(addr), Some(status)) => {
-                                finish(mem, addr, status, 1, metrics).used_len
+                                finish(mem, addr, status, 1, tally).used_len
                             }
                             _ => 0,
                         };
@@ -151,36 +188,42 @@ impl QueueWorker {
                         continue;
                     }
                 };
-                if let Ok(mut limiter) = shared.limiter.lock()
+                if limited
+                    && let Ok(mut limiter) = shared.limiter.lock()
                     && limiter.is_active()
                     && !limiter.consume(req.data_len())
                 {
                     queue.go_to_previous_position();
-                    inc(&metrics.throttled_events);
+                    tally.throttled_events += 1;
                     pass.throttled = limiter.retry_after();
                     break 'outer;
                 }
                 if let Some(uring) = self.uring.as_mut().filter(|_| UringEngine::handles(&req)) {
                     if !uring.has_room() {
                         uring.wait(1).map_err(WorkerError::Uring)?;
-                        pass.completed += reap(uring, &mut self.done, queue, mem, metrics)?;
+                        pass.completed += reap(uring, &mut self.done, queue, mem, tally)?;
                     }
                     if uring.push(&req, mem).is_err() {
-                        inc(&metrics.memory_errors);
-                        let out =
-                            finish(mem, req.status_addr, VIRTIO_BLK_S_IOERR as u8, 1, metrics);
+                        tally.memory_errors += 1;
+                        let out = finish(mem, req.status_addr, VIRTIO_BLK_S_IOERR as u8, 1, tally);
                         queue.add_used(mem, head, out.used_len).map_err(qerr)?;
                         pass.completed += 1;
                     }
+                    self.recycle(req);
                     continue;
                 }
-                let Outcome { used_len, .. } = match shared.disk.lock() {
-                    Ok(mut disk) => self.exec.execute(&req, mem, &mut **disk, metrics),
-                    Err(_) => {
-                        inc(&metrics.io_errors);
-                        finish(mem, req.status_addr, VIRTIO_BLK_S_IOERR as u8, 1, metrics)
+                if disk.is_none() {
+                    disk = shared.disk.lock().ok();
+                }
+                let Outcome { used_len, .. } = match disk.as_mut() {
+                    Some(d) => self.exec.execute_tallied(&req, mem, &mut ***d, tally),
+                    None => {
+                        // Poisoned: a thread panicked inside an image operation.
+                        tally.io_errors += 1;
+                        finish(mem, req.status_addr, VIRTIO_BLK_S_IOERR as u8, 1, tally)
                     }
                 };
+                self.recycle(req);
                 queue.add_used(mem, head, used_len).map_err(qerr)?;
                 pass.completed += 1;
             }
@@ -197,14 +240,22 @@ impl QueueWorker {
                 break;
             }
         }
+        drop(disk);
         if let Some(uring) = self.uring.as_mut() {
             uring.submit().map_err(WorkerError::Uring)?;
-            pass.completed += reap(uring, &mut self.done, queue, mem, metrics)?;
+            pass.completed += reap(uring, &mut self.done, queue, mem, tally)?;
         }
         if pass.completed > 0 {
             pass.needs_signal = queue.needs_notification(mem).map_err(qerr)?;
         }
         Ok(pass)
+    }
+
+    /// Keep a finished request's segment vector for the next parse.
+    fn recycle(&mut self, req: crate::request::Request) {
+        if let Some(v) = req.into_segments() {
+            self.spare = v;
+        }
     }
 
     /// Put finished io_uring operations on the used ring (call when the completion eventfd
@@ -217,7 +268,10 @@ impl QueueWorker {
     ) -> Result<Pass, WorkerError> {
         let mut pass = Pass::default();
         if let Some(uring) = self.uring.as_mut() {
-            pass.completed = reap(uring, &mut self.done, queue, mem, &shared.metrics)?;
+            let mut tally = BlockMetricsSnapshot::default();
+            let r = reap(uring, &mut self.done, queue, mem, &mut tally);
+            shared.metrics.add(&tally);
+            pass.completed = r?;
         }
         if pass.completed > 0 {
             pass.needs_signal = queue.needs_notification(mem).map_err(WorkerError::Queue)?;
@@ -244,7 +298,10 @@ impl QueueWorker {
         let mut pass = Pass::default();
         while let Some(uring) = self.uring.as_mut().filter(|u| u.in_flight() > 0) {
             uring.wait(1).map_err(WorkerError::Uring)?;
-            pass.completed += reap(uring, &mut self.done, queue, mem, &shared.metrics)?;
+            let mut tally = BlockMetricsSnapshot::default();
+            let r = reap(uring, &mut self.done, queue, mem, &mut tally);
+            shared.metrics.add(&tally);
+            pass.completed += r?;
         }
         if pass.completed > 0 {
             pass.needs_signal = queue.needs_notification(mem).map_err(WorkerError::Queue)?;
@@ -259,7 +316,7 @@ fn reap<M: GuestMemory>(
     done: &mut Vec<Done>,
     queue: &mut Queue,
     mem: &M,
-    metrics: &BlockMetrics,
+    metrics: &mut BlockMetricsSnapshot,
 ) -> Result<u32, WorkerError> {
     done.clear();
     uring.reap(|d| done.push(d));
@@ -268,22 +325,22 @@ fn reap<M: GuestMemory>(
         let (status, used) = if d.ok {
             match d.kind {
                 OpKind::Read => {
-                    inc(&metrics.reads);
-                    add(&metrics.read_bytes, d.bytes);
+                    metrics.reads += 1;
+                    metrics.read_bytes += d.bytes;
                     (VIRTIO_BLK_S_OK, (d.bytes as u32).saturating_add(1))
                 }
                 OpKind::Write => {
-                    inc(&metrics.writes);
-                    add(&metrics.write_bytes, d.bytes);
+                    metrics.writes += 1;
+                    metrics.write_bytes += d.bytes;
                     (VIRTIO_BLK_S_OK, 1)
                 }
                 OpKind::Flush => {
-                    inc(&metrics.flushes);
+                    metrics.flushes += 1;
                     (VIRTIO_BLK_S_OK, 1)
                 }
             }
         } else {
-            inc(&metrics.io_errors);
+            metrics.io_errors += 1;
             (VIRTIO_BLK_S_IOERR, 1)
         };
         let out = finish(mem, d.status_addr, status as u8, used, metrics);
