@@ -328,3 +328,39 @@ fn vectored_io_over_every_cluster_kind_matches_qemu() {
     std::fs::write(&flat, &expect).unwrap();
     qemu_compare(&top, &flat);
 }
+
+/// An image whose refcount table leaves part of the file without a refcount block (what
+/// `qemu-img check` calls corrupt) is refused writable — imago would recurse allocating the
+/// missing blocks and, on a crafted image, overflow the stack — and still opens read-only.
+#[test]
+fn writable_open_refuses_missing_refcount_blocks() {
+    use std::os::unix::fs::FileExt;
+    let dir = TempImages::new(false).unwrap();
+    let q = dir.path("c.qcow2");
+    ok("qemu-img", &["create", "-f", "qcow2", p(&q), "4M"]);
+    ok("qemu-io", &["-c", "write -P 0x5a 0 256k", p(&q)]);
+    assert!(Qcow2Image::open(&q, false).is_ok());
+    // Clear reftable entry 0 (refcount_table_offset is the big-endian u64 at byte 48).
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&q)
+        .unwrap();
+    let mut off = [0u8; 8];
+    f.read_exact_at(&mut off, 48).unwrap();
+    f.write_all_at(&[0u8; 8], u64::from_be_bytes(off)).unwrap();
+    drop(f);
+    assert!(!run("qemu-img", &["check", p(&q)]).status.success());
+    assert!(matches!(
+        Qcow2Image::open(&q, false),
+        Err(image::ImageError::Format(_))
+    ));
+    assert!(matches!(
+        Qcow2Image::open_standalone(&q, false),
+        Err(image::ImageError::Format(_))
+    ));
+    let mut ro = Qcow2Image::open(&q, true).unwrap();
+    let mut buf = [0u8; 512];
+    ro.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, [0x5a; 512]);
+}

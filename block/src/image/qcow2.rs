@@ -96,17 +96,15 @@ impl Qcow2Image {
     }
 
     fn wrap(qcow2: Qcow2<ImagoFile>, path: &Path, read_only: bool) -> Result<Self, ImageError> {
-        let data = if qcow2.requires_external_data_file() {
-            None
-        } else {
-            Some(
-                std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(!read_only)
-                    .open(path)
-                    .map_err(ImageError::Io)?,
-            )
-        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(ImageError::Io)?;
+        if !read_only {
+            check_refcount_coverage(&file)?;
+        }
+        let data = (!qcow2.requires_external_data_file()).then_some(file);
         let access = FormatAccess::new(qcow2);
         let size = access.size();
         Ok(Self {
@@ -252,4 +250,56 @@ impl DiskImage for Qcow2Image {
         }
         .map_err(ImageError::Io)
     }
+}
+
+/// Reject, before any write, a qcow2 file whose refcount table leaves part of the file without a
+/// refcount block.
+///
+/// A consistent image has a refcount block for every stretch of the file that holds clusters.
+/// When one is missing, imago 0.2.6 allocates it on the next cluster allocation — and allocating
+/// the cluster for it can need yet another missing block below it, recursively, once per
+/// missing block: on a crafted image deep enough to overflow the stack and abort the process
+/// (`Allocator::ensure_rb` → `allocate_clusters` → `ensure_rb`, found by the `qcow2_image` fuzz
+/// target). Read-only opens never allocate and skip this check.
+///
+/// Reads the header fields it needs (qcow2 specification: `cluster_bits` at byte 20,
+/// `refcount_table_offset` at 48, `refcount_table_clusters` at 56, version 3's
+/// `refcount_order` at 96) and the reftable entries that cover the file.
+fn check_refcount_coverage(file: &std::fs::File) -> Result<(), ImageError> {
+    use std::os::unix::fs::FileExt;
+    let bad = |why: &str| ImageError::Format(std::io::Error::other(why.to_string()));
+    let mut hdr = [0u8; 100];
+    file.read_exact_at(&mut hdr, 0).map_err(ImageError::Io)?;
+    let be32 = |o: usize| u32::from_be_bytes([hdr[o], hdr[o + 1], hdr[o + 2], hdr[o + 3]]);
+    let be64 = |o: usize| (u64::from(be32(o)) << 32) | u64::from(be32(o + 4));
+    let version = be32(4);
+    let cluster_bits = be32(20);
+    let refcount_order = if version >= 3 { be32(96) } else { 4 };
+    if !(9..=21).contains(&cluster_bits) || refcount_order > 6 {
+        return Err(bad("qcow2: cluster_bits or refcount_order out of range"));
+    }
+    // Refcount entries per refblock: cluster_size * 8 / refcount_bits.
+    let rb_bits = cluster_bits + 3 - refcount_order;
+    let file_len = file.metadata().map_err(ImageError::Io)?.len();
+    if file_len == 0 {
+        return Ok(());
+    }
+    let last_cluster = (file_len - 1) >> cluster_bits;
+    let needed = (last_cluster >> rb_bits) + 1;
+    let rt_entries = u64::from(be32(56)) << (cluster_bits - 3);
+    if needed > rt_entries {
+        return Err(bad("qcow2: refcount table too small for the file"));
+    }
+    let rt_offset = be64(48);
+    let mut entry = [0u8; 8];
+    for i in 0..needed {
+        let at = rt_offset
+            .checked_add(i * 8)
+            .ok_or_else(|| bad("qcow2: refcount table offset overflows"))?;
+        file.read_exact_at(&mut entry, at).map_err(ImageError::Io)?;
+        if u64::from_be_bytes(entry) & !0x1ff == 0 {
+            return Err(bad("qcow2: part of the file has no refcount block"));
+        }
+    }
+    Ok(())
 }
