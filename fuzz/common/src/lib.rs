@@ -6,7 +6,9 @@
 
 /// Every file of `corpus/<target>/` (relative to the fuzz workspace).
 pub fn corpus(target: &str) -> Vec<Vec<u8>> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../corpus").join(target);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../corpus")
+        .join(target);
     let mut out = Vec::new();
     if let Ok(entries) = std::fs::read_dir(&dir) {
         for e in entries.flatten() {
@@ -21,7 +23,7 @@ pub fn corpus(target: &str) -> Vec<Vec<u8>> {
 pub mod block;
 
 pub mod ioapic;
-pub mod pci;
 pub mod paging;
+pub mod pci;
 pub mod vcpu;
 pub mod virtio;

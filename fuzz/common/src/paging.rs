@@ -18,13 +18,22 @@ use vmkit_memory::test_utils::{IDX, TABLES, World, decode, run_ops};
 pub fn run(data: &[u8]) {
     let (seed, mode, ept_ad, policy, ops) = decode(data);
     let world = World::new(seed, mode, ept_ad);
-    let flags = data
-        .get(8..16)
-        .map_or(0, |b| b.iter().rev().fold(0u64, |a, &x| (a << 8) | u64::from(x)));
+    let flags = data.get(8..16).map_or(0, |b| {
+        b.iter().rev().fold(0u64, |a, &x| (a << 8) | u64::from(x))
+    });
     if flags & (1 << 10) != 0 {
         let slots = TABLES * IDX.len();
-        for (i, chunk) in data.get(16..).unwrap_or(&[]).chunks(8).take(slots).enumerate() {
-            let v = chunk.iter().rev().fold(0u64, |a, &x| (a << 8) | u64::from(x));
+        for (i, chunk) in data
+            .get(16..)
+            .unwrap_or(&[])
+            .chunks(8)
+            .take(slots)
+            .enumerate()
+        {
+            let v = chunk
+                .iter()
+                .rev()
+                .fold(0u64, |a, &x| (a << 8) | u64::from(x));
             let t = world.tables[i / IDX.len()];
             world.write_gpa(t + IDX[i % IDX.len()] * 8, v);
         }
@@ -86,7 +95,11 @@ mod tests {
                 std::fs::create_dir_all(&dir).unwrap();
                 std::fs::write(&path, &data).unwrap();
             }
-            assert_eq!(std::fs::read(&path).ok(), Some(data), "{name}: run with VMKIT_WRITE_CORPUS=1");
+            assert_eq!(
+                std::fs::read(&path).ok(),
+                Some(data),
+                "{name}: run with VMKIT_WRITE_CORPUS=1"
+            );
         }
     }
 

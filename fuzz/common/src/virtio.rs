@@ -118,7 +118,11 @@ fn bring_up(pci: bool, ring: u32, size_log2: u8, event_idx: bool) -> Vec<(u64, u
     let desc = (ring as u64 % MEM_SIZE as u64) & !0xf;
     let avail = desc + 16 * size;
     let used = (avail + 6 + 2 * size).next_multiple_of(4);
-    let lo = if event_idx { 1 << VIRTIO_RING_F_EVENT_IDX } else { 0 };
+    let lo = if event_idx {
+        1 << VIRTIO_RING_F_EVENT_IDX
+    } else {
+        0
+    };
     if pci {
         vec![
             (0x14, 1, 1),
@@ -165,7 +169,12 @@ pub fn run_mmio(data: &[u8]) {
     let mut buf = [0u8; 8];
     for op in ops {
         match op {
-            Op::Reg { offset, write, value, len } => {
+            Op::Reg {
+                offset,
+                write,
+                value,
+                len,
+            } => {
                 let n = width(len);
                 let off = offset as u64 % 0x1000;
                 if write {
@@ -178,7 +187,11 @@ pub fn run_mmio(data: &[u8]) {
             Op::Mem { addr, bytes } => {
                 let _ = mem.write_slice(&bytes, GuestAddress(addr as u64 % MEM_SIZE as u64));
             }
-            Op::BringUp { ring, size_log2, event_idx } => {
+            Op::BringUp {
+                ring,
+                size_log2,
+                event_idx,
+            } => {
                 for (off, n, v) in bring_up(false, ring, size_log2, event_idx) {
                     t.write(off, &v.to_le_bytes()[..n]);
                 }
@@ -195,12 +208,21 @@ pub fn run_pci(data: &[u8]) {
     let Some((ops, mem)) = ops(data) else { return };
     let sink = Arc::new(RecordingMsiSink::default());
     let dev = Rng::new(Fixed);
-    let Ok(msix) = VirtioPciTransport::<Dev>::msix_for(&dev, sink) else { return };
-    let Ok(mut t) = VirtioPciTransport::new(dev, mem.clone(), msix) else { return };
+    let Ok(msix) = VirtioPciTransport::<Dev>::msix_for(&dev, sink) else {
+        return;
+    };
+    let Ok(mut t) = VirtioPciTransport::new(dev, mem.clone(), msix) else {
+        return;
+    };
     let mut buf = [0u8; 8];
     for op in ops {
         match op {
-            Op::Reg { offset, write, value, len } => {
+            Op::Reg {
+                offset,
+                write,
+                value,
+                len,
+            } => {
                 let n = width(len);
                 let off = offset as u64 % 0x8000;
                 if off + n as u64 > 0x8000 {
@@ -212,7 +234,12 @@ pub fn run_pci(data: &[u8]) {
                     t.bar_read(0, off, &mut buf[..n]);
                 }
             }
-            Op::Config { offset, write, value, len } => {
+            Op::Config {
+                offset,
+                write,
+                value,
+                len,
+            } => {
                 let n = [1usize, 2, 4][len as usize % 3];
                 let off = (offset as u16) & !(n as u16 - 1);
                 if write {
@@ -224,7 +251,11 @@ pub fn run_pci(data: &[u8]) {
             Op::Mem { addr, bytes } => {
                 let _ = mem.write_slice(&bytes, GuestAddress(addr as u64 % MEM_SIZE as u64));
             }
-            Op::BringUp { ring, size_log2, event_idx } => {
+            Op::BringUp {
+                ring,
+                size_log2,
+                event_idx,
+            } => {
                 for (off, n, v) in bring_up(true, ring, size_log2, event_idx) {
                     t.bar_write(0, off, &v.to_le_bytes()[..n]);
                 }
