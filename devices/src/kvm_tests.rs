@@ -227,10 +227,13 @@ fn kvm_ioapic_level_interrupt() {
     assert!(status >= 2, "{log:?} {eois:?}");
     assert_eq!(status as u64, delivered, "{log:?} {eois:?}");
     assert_eq!(eois.len() as u64, delivered, "{eois:?}");
-    // The first handler run sees exactly one delivery. Its EOI may already be counted: PVM
-    // reports a level vector's EOI when it injects it, so the exit can race the checkpoint.
+    // The first handler run sees its own delivery. PVM reports a level vector's EOI when it
+    // injects it, so that EOI exit can race the checkpoint — and, the line still being high,
+    // the redelivery it triggers can too (seen under load: first checkpoint (1, 2, 1)). Either
+    // way no delivery precedes its EOI (checked below for every checkpoint).
     let &(counter, delivered_first, eois_first) = log.checkpoints.first().expect("a checkpoint");
-    assert_eq!((counter, delivered_first), (1, 1), "{log:?}");
+    assert_eq!(counter, 1, "{log:?}");
+    assert!((1..=2).contains(&delivered_first), "{log:?}");
     assert!(eois_first <= 1, "{log:?}");
     // Never a delivery without a preceding EOI.
     for &(_, d, e) in &log.checkpoints {
