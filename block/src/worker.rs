@@ -268,10 +268,7 @@ impl QueueWorker {
     ) -> Result<Pass, WorkerError> {
         let mut pass = Pass::default();
         if let Some(uring) = self.uring.as_mut() {
-            let mut tally = BlockMetricsSnapshot::default();
-            let r = reap(uring, &mut self.done, queue, mem, &mut tally);
-            shared.metrics.add(&tally);
-            pass.completed = r?;
+            pass.completed = reap_counted(uring, &mut self.done, queue, mem, &shared.metrics)?;
         }
         if pass.completed > 0 {
             pass.needs_signal = queue.needs_notification(mem).map_err(WorkerError::Queue)?;
@@ -298,16 +295,27 @@ impl QueueWorker {
         let mut pass = Pass::default();
         while let Some(uring) = self.uring.as_mut().filter(|u| u.in_flight() > 0) {
             uring.wait(1).map_err(WorkerError::Uring)?;
-            let mut tally = BlockMetricsSnapshot::default();
-            let r = reap(uring, &mut self.done, queue, mem, &mut tally);
-            shared.metrics.add(&tally);
-            pass.completed += r?;
+            pass.completed += reap_counted(uring, &mut self.done, queue, mem, &shared.metrics)?;
         }
         if pass.completed > 0 {
             pass.needs_signal = queue.needs_notification(mem).map_err(WorkerError::Queue)?;
         }
         Ok(pass)
     }
+}
+
+/// [`reap`], adding its counts to `metrics`.
+fn reap_counted<M: GuestMemory>(
+    uring: &mut UringEngine,
+    done: &mut Vec<Done>,
+    queue: &mut Queue,
+    mem: &M,
+    metrics: &BlockMetrics,
+) -> Result<u32, WorkerError> {
+    let mut tally = BlockMetricsSnapshot::default();
+    let r = reap(uring, done, queue, mem, &mut tally);
+    metrics.add(&tally);
+    r
 }
 
 /// Reap ready io_uring completions onto the used ring.

@@ -67,6 +67,31 @@ fn qemu_compare(image: &Path, raw: &Path) {
     );
 }
 
+/// `qemu-img create -f qcow2 -b backing -F fmt overlay` (`backing` relative to the overlay).
+fn qemu_overlay(overlay: &Path, backing: &str, fmt: &str) {
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            backing,
+            "-F",
+            fmt,
+            p(overlay),
+        ],
+    );
+}
+
+/// `qemu-img check` passes on `image`, and `qemu-img compare` finds it equal to `expect`.
+fn qemu_verify(dir: &TempImages, image: &Path, expect: &[u8]) {
+    qemu_check(image);
+    let flat = dir.path("expect.raw");
+    std::fs::write(&flat, expect).unwrap();
+    qemu_compare(image, &flat);
+}
+
 #[test]
 fn reads_qemu_created_qcow2_byte_identical() {
     let dir = TempImages::new(false).unwrap();
@@ -142,36 +167,12 @@ fn reads_backing_chain() {
     // base (raw) <- mid (qcow2) <- top (qcow2), each layer writing something.
     let mid = dir.path("mid.qcow2");
     let top = dir.path("top.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            p(&mid),
-        ],
-    );
+    qemu_overlay(&mid, "base.raw", "raw");
     ok(
         "qemu-io",
         &["-f", "qcow2", "-c", "write -P 0x11 512k 100k", p(&mid)],
     );
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            p(&top),
-        ],
-    );
+    qemu_overlay(&top, "mid.qcow2", "qcow2");
     ok(
         "qemu-io",
         &["-f", "qcow2", "-c", "write -P 0x22 560k 8k", p(&top)],
@@ -198,10 +199,7 @@ fn reads_backing_chain() {
     img.flush().unwrap();
     drop(img);
     assert!(std::fs::read(&raw).unwrap() == base_before);
-    qemu_check(&top);
-    let flat = dir.path("expect.raw");
-    std::fs::write(&flat, &expect).unwrap();
-    qemu_compare(&top, &flat);
+    qemu_verify(&dir, &top, &expect);
 }
 
 #[test]
@@ -236,10 +234,7 @@ fn vmkit_created_images_pass_qemu_check_and_compare() {
     }
     img.flush().unwrap();
     drop(img);
-    qemu_check(&q);
-    let flat = dir.path("expect.raw");
-    std::fs::write(&flat, &expect).unwrap();
-    qemu_compare(&q, &flat);
+    qemu_verify(&dir, &q, &expect);
 
     // A vmkit-created overlay over a vmkit-created base.
     let ov = dir.path("ov.qcow2");
@@ -249,9 +244,7 @@ fn vmkit_created_images_pass_qemu_check_and_compare() {
     expect[4096..12288].fill(9);
     img.flush().unwrap();
     drop(img);
-    qemu_check(&ov);
-    std::fs::write(&flat, &expect).unwrap();
-    qemu_compare(&ov, &flat);
+    qemu_verify(&dir, &ov, &expect);
     let info = run("qemu-img", &["info", p(&ov)]);
     assert!(String::from_utf8_lossy(&info.stdout).contains("v.qcow2"));
 }
@@ -282,19 +275,7 @@ fn vectored_io_over_every_cluster_kind_matches_qemu() {
         ],
     );
     let top = dir.path("top.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            p(&top),
-        ],
-    );
+    qemu_overlay(&top, "base.qcow2", "qcow2");
     let mut img = Qcow2Image::open(&top, false).unwrap();
     let mut seed = 0x0bad_cafe_f00d_1234u64;
     for i in 0..300u32 {
@@ -323,10 +304,7 @@ fn vectored_io_over_every_cluster_kind_matches_qemu() {
     }
     img.flush().unwrap();
     drop(img);
-    qemu_check(&top);
-    let flat = dir.path("expect.raw");
-    std::fs::write(&flat, &expect).unwrap();
-    qemu_compare(&top, &flat);
+    qemu_verify(&dir, &top, &expect);
 }
 
 /// An image whose refcount table leaves part of the file without a refcount block (what
