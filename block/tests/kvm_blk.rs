@@ -1,7 +1,8 @@
 //! A tiny KVM guest drives virtio-blk over virtio-mmio: it negotiates VERSION_1, sets up a
 //! queue, writes a sector (OUT), reads it back (IN), polls the used ring instead of taking
-//! interrupts, and prints a checksum of what it read and both status bytes to ports 0x80/0x81.
-//! The host checks the checksum, the statuses and the image file itself.
+//! interrupts, and prints a checksum of what it read and both status bytes over the serial port
+//! (a 16550 UART at 0x3f8, vm-superio's model): `blk sum=XXXXXXXX out=XX in=XX`. The host
+//! checks that line and the image file itself.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -10,8 +11,9 @@ use iced_x86::code_asm::*;
 use vmkit_block::image::RawImage;
 use vmkit_block::test_utils::TempImages;
 use vmkit_block::{Block, BlockConfig};
-use vmkit_devices::MutBusDevice;
 use vmkit_devices::interrupt::NoInterrupt;
+use vmkit_devices::serial::{SERIAL_PORT_LEN, Serial};
+use vmkit_devices::{BusDevice, MutBusDevice};
 use vmkit_vcpu::test_utils::{DATA_ADDR, TinyGuest};
 use vmkit_vcpu::{Exit, ExitStats, IoHandler, RunOutcome, StopHandle, run_until_exit};
 use vmkit_virtio::mmio::MmioTransport;
@@ -32,17 +34,31 @@ const DATA_OUT: u64 = QUEUE + 0x2000;
 const DATA_IN: u64 = QUEUE + 0x3000;
 const SECTOR: u64 = 5;
 
+/// The legacy COM1 port base.
+const COM1: u16 = 0x3f8;
+
 struct Io {
     transport: RefCell<MmioTransport<Block>>,
-    ports: RefCell<Vec<(u16, Vec<u8>)>>,
+    serial: Serial<Vec<u8>>,
 }
 
 impl IoHandler for Io {
-    fn pio_read(&self, _: u16, data: &mut [u8]) {
-        data.fill(0xff)
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        match port
+            .checked_sub(COM1)
+            .filter(|o| u64::from(*o) < SERIAL_PORT_LEN)
+        {
+            Some(off) => self.serial.read(u64::from(off), data),
+            None => data.fill(0xff),
+        }
     }
     fn pio_write(&self, port: u16, data: &[u8]) {
-        self.ports.borrow_mut().push((port, data.to_vec()))
+        if let Some(off) = port
+            .checked_sub(COM1)
+            .filter(|o| u64::from(*o) < SERIAL_PORT_LEN)
+        {
+            self.serial.write(u64::from(off), data)
+        }
     }
     fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         match addr.checked_sub(MMIO_BASE).filter(|o| *o < MMIO_SIZE) {
@@ -72,6 +88,40 @@ fn desc(
     a.mov(dword_ptr(rdi + 8), len)?;
     a.mov(word_ptr(rdi + 12), flags as u32)?;
     a.mov(word_ptr(rdi + 14), next as u32)
+}
+
+/// Guest code: print the bytes of `text` on COM1.
+fn print(a: &mut CodeAssembler, text: &str) -> Result<(), IcedError> {
+    a.mov(dx, COM1 as u32)?;
+    for b in text.bytes() {
+        a.mov(al, u32::from(b))?;
+        a.out(dx, al)?;
+    }
+    Ok(())
+}
+
+/// Guest code: print the low `digits` nibbles of `r8` in hex on COM1 (clobbers rax, rcx, rdx).
+fn print_hex(a: &mut CodeAssembler, digits: u32) -> Result<(), IcedError> {
+    let mut next = a.create_label();
+    let mut letter = a.create_label();
+    let mut emit = a.create_label();
+    a.mov(dx, COM1 as u32)?;
+    a.mov(ecx, digits * 4)?;
+    a.set_label(&mut next)?;
+    a.sub(ecx, 4)?;
+    a.mov(rax, r8)?;
+    a.shr(rax, cl)?;
+    a.and(eax, 0xf)?;
+    a.cmp(eax, 10)?;
+    a.jae(letter)?;
+    a.add(eax, u32::from(b'0'))?;
+    a.jmp(emit)?;
+    a.set_label(&mut letter)?;
+    a.add(eax, u32::from(b'a') - 10)?;
+    a.set_label(&mut emit)?;
+    a.out(dx, al)?;
+    a.test(ecx, ecx)?;
+    a.jnz(next)
 }
 
 /// Guest code: publish `head` at avail slot `slot`, notify queue 0, poll used.idx == slot+1.
@@ -153,13 +203,15 @@ fn kvm_blk_guest_writes_and_reads_back_a_sector() {
         a.add(rsi, 4i32)?;
         a.dec(ecx)?;
         a.jnz(sum)?;
-        a.mov(eax, r8d)?;
-        a.mov(dx, 0x80u32)?;
-        a.out(dx, eax)?;
-        a.movzx(eax, byte_ptr(STATUS_OUT))?;
-        a.out(0x81, al)?;
-        a.movzx(eax, byte_ptr(STATUS_IN))?;
-        a.out(0x81, al)?;
+        print(a, "blk sum=")?;
+        print_hex(a, 8)?;
+        print(a, " out=")?;
+        a.movzx(r8d, byte_ptr(STATUS_OUT))?;
+        print_hex(a, 2)?;
+        print(a, " in=")?;
+        a.movzx(r8d, byte_ptr(STATUS_IN))?;
+        print_hex(a, 2)?;
+        print(a, "\n")?;
         a.hlt()
     })
     .unwrap();
@@ -175,7 +227,7 @@ fn kvm_blk_guest_writes_and_reads_back_a_sector() {
             g.mem.clone(),
             Arc::new(NoInterrupt),
         )),
-        ports: RefCell::new(Vec::new()),
+        serial: Serial::new(Arc::new(NoInterrupt), Vec::new()),
     };
     let mut stats = ExitStats::default();
     let out = run_until_exit(&mut g.vcpu, &io, &StopHandle::new(), &mut stats).unwrap();
@@ -193,15 +245,10 @@ fn kvm_blk_guest_writes_and_reads_back_a_sector() {
         .chunks(4)
         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .fold(0u32, u32::wrapping_add);
-    let ports = io.ports.borrow().clone();
-    assert_eq!(
-        ports,
-        vec![
-            (0x80, checksum.to_le_bytes().to_vec()),
-            (0x81, vec![0]),
-            (0x81, vec![0]),
-        ]
-    );
+    let console = io
+        .serial
+        .with_writer(|w| String::from_utf8_lossy(w).into_owned());
+    assert_eq!(console, format!("blk sum={checksum:08x} out=00 in=00\n"));
     let m = io.transport.borrow().device().metrics();
     assert_eq!((m.writes, m.reads), (1, 1));
     drop(io);
