@@ -17,7 +17,7 @@ use crate::defs::*;
 use crate::image::DiskImage;
 use crate::metrics::{BlockMetrics, BlockMetricsSnapshot};
 use crate::persist::{BlockState, QueueSnapshot};
-use crate::rate_limiter::RateLimiter;
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 use crate::worker::{BlockShared, Pass, QueueWorker, WorkerError};
 
 /// Errors building a block device.
@@ -199,6 +199,22 @@ impl<M: GuestMemory> Block<M> {
     /// Put finished io_uring requests of queue `index` on its used ring.
     pub fn process_completions(&mut self, index: u16) -> Result<(), DeviceError> {
         self.run_queue(index, true)
+    }
+
+    /// Replace the rate limiter while the device runs (as a VMM's "update drive" call does):
+    /// the new buckets start full, the configuration [`Block::save`] records changes too, and
+    /// a queue the old limiter had stopped is served again at once.
+    pub fn update_rate_limiter(&mut self, cfg: RateLimiterConfig) -> Result<(), DeviceError> {
+        *self
+            .shared
+            .limiter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = RateLimiter::new(cfg);
+        self.config.rate_limiter = cfg;
+        if self.throttled.take().is_some() {
+            self.retry_throttled()?;
+        }
+        Ok(())
     }
 
     /// Serve every queue again (after [`Block::throttled_for`] elapsed).

@@ -1,11 +1,14 @@
 //! The device through vmkit-virtio's driver harness (virtio-mmio transport, mock guest memory):
 //! every request type and feature, with one queue and with MQ, both engines.
 
+use std::time::Duration;
+
 use vmkit_block::config::{BlockConfig, offsets};
 use vmkit_block::defs::*;
 use vmkit_block::image::{DiskImage, Qcow2Image, RawImage};
 use vmkit_block::rate_limiter::{BucketConfig, RateLimiterConfig};
 use vmkit_block::test_utils::TempImages;
+
 use vmkit_block::{Block, EngineKind};
 use vmkit_virtio::VirtioDevice;
 use vmkit_virtio::test_utils::{Desc, DriverHarness};
@@ -390,6 +393,61 @@ fn rate_limited_device_resumes_after_retry() {
     h.device_mut().retry_throttled().unwrap();
     assert_eq!(h.used(0).len(), 2);
     assert_eq!(h.device().metrics().writes, 4);
+}
+
+#[test]
+fn rate_limiter_updates_at_run_time() {
+    let dir = TempImages::new(true).unwrap();
+    let limited = RateLimiterConfig {
+        bandwidth: None,
+        ops: Some(BucketConfig {
+            rate: 1,
+            capacity: 1,
+        }),
+    };
+    let cfg = BlockConfig {
+        rate_limiter: limited,
+        ..Default::default()
+    };
+    let mut h = device(&dir, false, cfg);
+    h.activate(ALL).unwrap();
+    let write = |h: &mut DriverHarness<Block>, s: u64| {
+        h.add_chain(
+            0,
+            &[
+                Desc::Readable(hdr(VIRTIO_BLK_T_OUT, s * 8)),
+                Desc::Readable(vec![4; 4096]),
+                Desc::Writable(1),
+            ],
+        )
+        .unwrap();
+    };
+    for s in 0..3 {
+        write(&mut h, s);
+    }
+    h.kick(0);
+    // One op of burst, then a second-long wait.
+    assert_eq!(h.used(0).len(), 1);
+    assert!(h.device().throttled_for().expect("throttled") > Duration::from_millis(100));
+    // Lifting the limit serves the stopped queue at once.
+    h.device_mut()
+        .update_rate_limiter(RateLimiterConfig::default())
+        .unwrap();
+    assert_eq!(h.used(0).len(), 2);
+    assert_eq!(h.device().throttled_for(), None);
+    assert_eq!(h.device().metrics().writes, 3);
+    assert_eq!(
+        h.device_mut().save().unwrap().config.rate_limiter,
+        RateLimiterConfig::default()
+    );
+    // And a new limit applies to the next requests.
+    h.device_mut().update_rate_limiter(limited).unwrap();
+    for s in 3..6 {
+        write(&mut h, s);
+    }
+    h.kick(0);
+    assert_eq!(h.used(0).len(), 1);
+    assert!(h.device().throttled_for().is_some());
 }
 
 #[test]
