@@ -39,8 +39,6 @@ struct InFlight {
     status_addr: GuestAddress,
     kind: OpKind,
     expected: u64,
-    // Kept alive (and unmoved on the heap) until the kernel has completed the operation.
-    _iov: Vec<libc::iovec>,
 }
 
 /// A completed operation.
@@ -63,6 +61,9 @@ pub struct UringEngine {
     ring: IoUring,
     fd: RawFd,
     slots: Vec<Option<InFlight>>,
+    /// Each slot's iovec array: kept, unmoved on the heap, while the kernel may read it, and
+    /// reused by the slot's next operation.
+    iovs: Vec<Vec<libc::iovec>>,
     free: Vec<usize>,
     unsubmitted: usize,
     eventfd: EventFd,
@@ -95,6 +96,7 @@ impl UringEngine {
             ring,
             fd,
             slots: (0..depth).map(|_| None).collect(),
+            iovs: (0..depth).map(|_| Vec::new()).collect(),
             free: (0..depth as usize).rev().collect(),
             unsubmitted: 0,
             eventfd,
@@ -136,28 +138,49 @@ impl UringEngine {
         let Some(slot) = self.free.pop() else {
             return Err(ExecError::Short);
         };
-        let mut iov = Vec::new();
+        let Some(iov) = self.iovs.get_mut(slot) else {
+            self.free.push(slot);
+            return Err(ExecError::Short);
+        };
+        iov.clear();
         let (kind, entry, expected) = match &req.kind {
             RequestKind::In { sector, data } | RequestKind::Out { sector, data } => {
                 let read = matches!(req.kind, RequestKind::In { .. });
-                if let Err(e) = guest_iovecs(mem, data, read, &mut iov) {
+                if let Err(e) = guest_iovecs(mem, data, read, iov) {
                     self.free.push(slot);
                     return Err(e);
                 }
-                let n = u32::try_from(iov.len()).unwrap_or(u32::MAX);
                 let fd = types::Fd(self.fd);
                 let offset = sector << SECTOR_SHIFT;
-                if read {
-                    let e = opcode::Readv::new(fd, iov.as_ptr(), n)
-                        .offset(offset)
-                        .build();
-                    (OpKind::Read, e, req.data_len())
-                } else {
-                    let e = opcode::Writev::new(fd, iov.as_ptr(), n)
-                        .offset(offset)
-                        .build();
-                    (OpKind::Write, e, req.data_len())
-                }
+                let kind = if read { OpKind::Read } else { OpKind::Write };
+                let e = match (iov.as_slice(), read) {
+                    // One buffer (the common case): plain READ/WRITE, no iovec to import.
+                    ([one], true) => {
+                        let len = u32::try_from(one.iov_len).unwrap_or(u32::MAX);
+                        opcode::Read::new(fd, one.iov_base.cast(), len)
+                            .offset(offset)
+                            .build()
+                    }
+                    ([one], false) => {
+                        let len = u32::try_from(one.iov_len).unwrap_or(u32::MAX);
+                        opcode::Write::new(fd, one.iov_base.cast(), len)
+                            .offset(offset)
+                            .build()
+                    }
+                    (many, true) => {
+                        let n = u32::try_from(many.len()).unwrap_or(u32::MAX);
+                        opcode::Readv::new(fd, many.as_ptr(), n)
+                            .offset(offset)
+                            .build()
+                    }
+                    (many, false) => {
+                        let n = u32::try_from(many.len()).unwrap_or(u32::MAX);
+                        opcode::Writev::new(fd, many.as_ptr(), n)
+                            .offset(offset)
+                            .build()
+                    }
+                };
+                (kind, e, req.data_len())
             }
             RequestKind::Flush => {
                 let e = opcode::Fsync::new(types::Fd(self.fd))
@@ -173,9 +196,9 @@ impl UringEngine {
             }
         };
         let entry = entry.user_data(slot as u64);
-        // SAFETY: the entry's iovec array (heap buffer of `iov`) and the guest buffers it points
-        // to stay valid until completion: `iov` is stored in the slot below and only dropped
-        // when its completion is reaped (or the engine drains on drop).
+        // SAFETY: the entry's iovec array (the slot's own `iovs` vector) and the guest buffers it
+        // points to stay valid until completion: the slot's vector is only cleared when the slot
+        // is reused, which needs its completion reaped first (and the engine drains on drop).
         let pushed = unsafe { self.ring.submission().push(&entry) };
         if pushed.is_err() {
             self.free.push(slot);
@@ -187,7 +210,6 @@ impl UringEngine {
                 status_addr: req.status_addr,
                 kind,
                 expected,
-                _iov: iov,
             });
         }
         self.unsubmitted += 1;
@@ -244,7 +266,7 @@ impl UringEngine {
     /// Wait for and reap every in-flight operation.
     pub fn drain(&mut self, mut f: impl FnMut(Done)) {
         while self.in_flight() > 0 {
-            if self.wait(1).is_err() {
+            if self.wait(self.in_flight()).is_err() {
                 break;
             }
             self.reap(&mut f);

@@ -294,7 +294,8 @@ impl QueueWorker {
     ) -> Result<Pass, WorkerError> {
         let mut pass = Pass::default();
         while let Some(uring) = self.uring.as_mut().filter(|u| u.in_flight() > 0) {
-            uring.wait(1).map_err(WorkerError::Uring)?;
+            let all = uring.in_flight();
+            uring.wait(all).map_err(WorkerError::Uring)?;
             pass.completed += reap_counted(uring, &mut self.done, queue, mem, &shared.metrics)?;
         }
         if pass.completed > 0 {
