@@ -200,6 +200,8 @@ impl QueueWorker {
                 }
                 if let Some(uring) = self.uring.as_mut().filter(|_| UringEngine::handles(&req)) {
                     if !uring.has_room() {
+                        // Do not hold the image lock while blocking on the kernel.
+                        disk = None;
                         uring.wait(1).map_err(WorkerError::Uring)?;
                         pass.completed += reap(uring, &mut self.done, queue, mem, tally)?;
                     }
