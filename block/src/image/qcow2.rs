@@ -169,19 +169,11 @@ impl DiskImage for Qcow2Image {
     }
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {
-        check_range(offset, buf.len() as u64, self.size)?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        self.access.read(buf, offset).map_err(ImageError::Io)
+        self.read_vectored(&mut [IoSliceMut::new(buf)], offset)
     }
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), ImageError> {
-        self.check_writable(offset, buf.len() as u64)?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        self.access.write(buf, offset).map_err(ImageError::Io)
+        self.write_vectored(&[IoSlice::new(buf)], offset)
     }
 
     fn read_vectored(
@@ -191,9 +183,10 @@ impl DiskImage for Qcow2Image {
     ) -> Result<(), ImageError> {
         let len = super::total_len(bufs);
         check_range(offset, len, self.size)?;
-        if len > 0
-            && let Some((file, host)) = self.owned_stretch(offset, len)
-        {
+        if len == 0 {
+            return Ok(());
+        }
+        if let Some((file, host)) = self.owned_stretch(offset, len) {
             return super::raw::read_vectored_at(file, bufs, host);
         }
         let v: Vec<IoSliceMut<'_>> = bufs
@@ -201,17 +194,14 @@ impl DiskImage for Qcow2Image {
             .filter(|b| !b.is_empty())
             .map(|b| IoSliceMut::new(b))
             .collect();
-        if v.is_empty() {
-            return Ok(());
-        }
         self.access
             .readv(IoVectorMut::from(v), offset)
             .map_err(ImageError::Io)
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>], offset: u64) -> Result<(), ImageError> {
-        self.check_writable(offset, super::total_len(bufs))?;
         let len = super::total_len(bufs);
+        self.check_writable(offset, len)?;
         if len == 0 {
             return Ok(());
         }
