@@ -232,7 +232,7 @@ pub(crate) fn finish<M: GuestMemory + ?Sized>(
     used_len: u32,
     tally: &mut BlockMetricsSnapshot,
 ) -> Outcome {
-    if !crate::guest::write(mem, &[status], status_addr) {
+    if !crate::guest::write_u8(mem, status, status_addr) {
         tally.memory_errors += 1;
         return Outcome {
             status,

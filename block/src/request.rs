@@ -365,10 +365,11 @@ fn parse_descriptors_into<M: GuestMemory + ?Sized>(
     if first.len() < VIRTIO_BLK_REQ_HDR_SIZE {
         return fail(RequestError::HeaderTooShort);
     }
-    let mut hdr = [0u8; VIRTIO_BLK_REQ_HDR_SIZE as usize];
-    if !crate::guest::read(mem, &mut hdr, first.addr()) {
+    let Some(hdr) =
+        crate::guest::read_obj::<_, [u8; VIRTIO_BLK_REQ_HDR_SIZE as usize]>(mem, first.addr())
+    else {
         return fail(RequestError::HeaderOutsideMemory);
-    }
+    };
     let req_type = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
     let sector = u64::from_le_bytes([
         hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
