@@ -10,6 +10,22 @@
 //! | 0x2000 | device configuration | `VIRTIO_PCI_CAP_DEVICE_CFG` |
 //! | 0x3000 | notify doorbells, queue *n* at `n * 4` | `VIRTIO_PCI_CAP_NOTIFY_CFG` (multiplier 4) |
 //! | 0x4000 / 0x6000 | MSI-X table / PBA | MSI-X capability |
+//! | — (config space) | window into BAR 0 | `VIRTIO_PCI_CAP_PCI_CFG` |
+//!
+//! The `VIRTIO_PCI_CAP_PCI_CFG` capability (virtio 1.2 §4.1.4.9, `struct virtio_pci_cfg_cap`)
+//! reaches BAR 0 through configuration space, whether or not the BAR is programmed or
+//! decoded: the driver writes `cap.bar`, `cap.offset` and `cap.length`, then a read of
+//! `pci_cfg_data` performs a BAR read of `cap.length` bytes at `cap.offset` and stores them in
+//! `pci_cfg_data`, and a write to it performs a BAR write of its first `cap.length` bytes — the
+//! same [`PciFunction::bar_read`] / [`PciFunction::bar_write`] a memory access takes, with the
+//! same side effects (ISR read clears, doorbells, MSI-X table). A driver access of any width to
+//! any byte of `pci_cfg_data` triggers one whole `cap.length` access (as QEMU does). The window
+//! acts only for `cap.bar == 0`, `cap.length` 1, 2 or 4, `cap.offset` a multiple of it and the
+//! range inside the BAR; otherwise `pci_cfg_data` is a plain register (a read returns what it
+//! holds, a write only stores) and the access counts in
+//! [`TransportMetrics::bad_register_accesses`]. (QEMU instead rounds a misaligned offset down,
+//! ignores `cap.bar` and only reaches the virtio structures, not the MSI-X table; the spec
+//! forbids drivers all of these cases, §4.1.4.9.2.)
 //!
 //! Common-configuration accesses decode through the pure [`CommonCfgField::decode`] into calls on
 //! the shared [`TransportCore`]. Queue and configuration interrupts go to the MSI-X vectors the
@@ -53,6 +69,44 @@ pub const NOTIFY_OFF_MULTIPLIER: u32 = 4;
 pub const MSIX_TABLE_OFFSET: u32 = 0x4000;
 /// Offset of the MSI-X PBA.
 pub const MSIX_PBA_OFFSET: u32 = 0x6000;
+
+/// `cap_len` of `struct virtio_pci_cfg_cap`: a `struct virtio_pci_cap` plus `pci_cfg_data[4]`.
+const PCI_CFG_CAP_LEN: u8 = 20;
+/// Offsets in `struct virtio_pci_cap` (from `cap_vndr`) of the fields the driver may write in
+/// the `VIRTIO_PCI_CAP_PCI_CFG` capability, and of `pci_cfg_data` after it (virtio 1.2 §4.1.4).
+const CAP_BAR: u16 = 4;
+const CAP_OFFSET: u16 = 8;
+const CAP_LENGTH: u16 = 12;
+const CAP_PCI_CFG_DATA: u16 = 16;
+
+/// The BAR access a `VIRTIO_PCI_CAP_PCI_CFG` window describes (virtio 1.2 §4.1.4.9).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PciCfgWindow {
+    /// `cap.bar`.
+    pub bar: u8,
+    /// `cap.offset`.
+    pub offset: u32,
+    /// `cap.length`.
+    pub length: u32,
+}
+
+impl PciCfgWindow {
+    /// `(offset, len)` of the BAR 0 access, or `None` when the window does not act: a BAR other
+    /// than [`VIRTIO_PCI_BAR`], a length other than 1, 2 or 4, an offset not a multiple of the
+    /// length, or a range not inside the BAR.
+    pub fn target(self) -> Option<(u64, usize)> {
+        let len = match self.length {
+            1 | 2 | 4 => self.length as usize,
+            _ => return None,
+        };
+        if self.bar != VIRTIO_PCI_BAR || !self.offset.is_multiple_of(self.length) {
+            return None;
+        }
+        let offset = u64::from(self.offset);
+        let end = offset.checked_add(len as u64)?;
+        (end <= VIRTIO_PCI_BAR_SIZE).then_some((offset, len))
+    }
+}
 
 /// A field of `struct virtio_pci_common_cfg` (virtio 1.2 §4.1.4.3), with the part accessed.
 #[allow(missing_docs)]
@@ -218,6 +272,8 @@ pub struct VirtioPciTransport<D, M = GuestMemoryMmap> {
     isr: Arc<AtomicU8>,
     vectors: Arc<Vectors>,
     doorbells: Option<crate::notify::DoorbellBinding>,
+    /// Where the `VIRTIO_PCI_CAP_PCI_CFG` capability is in configuration space.
+    pci_cfg_cap: u16,
 }
 
 impl<D, M> VirtioPciTransport<D, M>
@@ -279,6 +335,16 @@ where
                 &[],
             )?;
         }
+        // `struct virtio_pci_cfg_cap`: bar/offset/length 0 until the driver sets them;
+        // `cap.bar`, `cap.offset`, `cap.length` and `pci_cfg_data` are read-write.
+        let mut wmask = [0u8; PCI_CFG_CAP_LEN as usize - 2];
+        wmask[CAP_BAR as usize - 2] = 0xff;
+        wmask[CAP_OFFSET as usize - 2..].fill(0xff);
+        let pci_cfg_cap = cfg.add_capability(
+            cap_id::VENDOR_SPECIFIC,
+            &virtio_pci_cap(VIRTIO_PCI_CAP_PCI_CFG, 0, 0),
+            &wmask,
+        )?;
         cfg.add_msix(&msix)?;
         let vectors = Arc::new(Vectors {
             config: AtomicU16::new(VIRTIO_MSI_NO_VECTOR),
@@ -299,6 +365,7 @@ where
             isr,
             vectors,
             doorbells: None,
+            pci_cfg_cap,
         })
     }
 
@@ -445,6 +512,63 @@ where
         }
     }
 
+    /// Whether a configuration access of `len` bytes at `offset` is one the configuration space
+    /// serves (1, 2 or 4 bytes, aligned, inside it) and touches `pci_cfg_data`.
+    fn touches_pci_cfg_data(&self, offset: u16, len: usize) -> bool {
+        let (start, len) = (u32::from(offset), len as u32);
+        let data = u32::from(self.pci_cfg_cap) + u32::from(CAP_PCI_CFG_DATA);
+        matches!(len, 1 | 2 | 4)
+            && start.is_multiple_of(len)
+            && start + len <= u32::from(self.cfg.size())
+            && start < data + 4
+            && start + len > data
+    }
+
+    /// The window the driver set up in the `VIRTIO_PCI_CAP_PCI_CFG` capability.
+    fn pci_cfg_window(&self) -> PciCfgWindow {
+        let at = self.pci_cfg_cap;
+        let mut bar = [0u8; 1];
+        let (mut offset, mut length) = ([0u8; 4], [0u8; 4]);
+        self.cfg.read(at + CAP_BAR, &mut bar);
+        self.cfg.read(at + CAP_OFFSET, &mut offset);
+        self.cfg.read(at + CAP_LENGTH, &mut length);
+        PciCfgWindow {
+            bar: bar[0],
+            offset: u32::from_le_bytes(offset),
+            length: u32::from_le_bytes(length),
+        }
+    }
+
+    /// A driver read of `pci_cfg_data`: a BAR read through the window, stored in
+    /// `pci_cfg_data` (virtio 1.2 §4.1.4.9.1).
+    fn pci_cfg_read(&mut self) {
+        let mut b = [0u8; 4];
+        let Some((offset, bytes)) = self
+            .pci_cfg_window()
+            .target()
+            .and_then(|(offset, len)| Some((offset, b.get_mut(..len)?)))
+        else {
+            return self.core.count_bad_access();
+        };
+        PciFunction::bar_read(self, VIRTIO_PCI_BAR, offset, bytes);
+        self.cfg.write(self.pci_cfg_cap + CAP_PCI_CFG_DATA, bytes);
+    }
+
+    /// A driver write to `pci_cfg_data` (already stored): a BAR write of its first
+    /// `cap.length` bytes through the window (virtio 1.2 §4.1.4.9.1).
+    fn pci_cfg_write(&mut self) {
+        let mut b = [0u8; 4];
+        self.cfg.read(self.pci_cfg_cap + CAP_PCI_CFG_DATA, &mut b);
+        let Some((offset, bytes)) = self
+            .pci_cfg_window()
+            .target()
+            .and_then(|(offset, len)| Some((offset, b.get(..len)?)))
+        else {
+            return self.core.count_bad_access();
+        };
+        PciFunction::bar_write(self, VIRTIO_PCI_BAR, offset, bytes);
+    }
+
     /// A vector the device can use, or `VIRTIO_MSI_NO_VECTOR` (which the driver reads back as
     /// the refusal, virtio 1.2 §4.1.5.1.2).
     fn valid_vector(&self, v: u16) -> u16 {
@@ -457,16 +581,19 @@ where
 }
 
 /// The body of a `struct virtio_pci_cap` after `cap_vndr`/`cap_next` (virtio 1.2 §4.1.4);
-/// the notify capability carries `notify_off_multiplier` after it.
+/// the notify capability carries `notify_off_multiplier` after it, the PCI configuration
+/// access capability `pci_cfg_data[4]` (zero).
 fn virtio_pci_cap(cfg_type: u8, offset: u64, length: u64) -> Vec<u8> {
-    let notify = cfg_type == VIRTIO_PCI_CAP_NOTIFY_CFG;
-    let cap_len: u8 = if notify { 20 } else { 16 };
+    let extra = match cfg_type {
+        VIRTIO_PCI_CAP_NOTIFY_CFG => Some(NOTIFY_OFF_MULTIPLIER.to_le_bytes()),
+        VIRTIO_PCI_CAP_PCI_CFG => Some([0; 4]),
+        _ => None,
+    };
+    let cap_len: u8 = if extra.is_some() { 20 } else { 16 };
     let mut b = vec![cap_len, cfg_type, VIRTIO_PCI_BAR, 0, 0, 0];
     b.extend_from_slice(&(offset as u32).to_le_bytes());
     b.extend_from_slice(&(length as u32).to_le_bytes());
-    if notify {
-        b.extend_from_slice(&NOTIFY_OFF_MULTIPLIER.to_le_bytes());
-    }
+    b.extend(extra.iter().flatten());
     b
 }
 
@@ -483,12 +610,26 @@ where
         &mut self.cfg
     }
 
+    /// A read touching `pci_cfg_data` first reads BAR 0 through the PCI configuration access
+    /// window into it (see the [module docs](self)).
+    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
+        if self.touches_pci_cfg_data(offset, data.len()) {
+            self.pci_cfg_read();
+        }
+        self.cfg.read(offset, data);
+    }
+
     /// A config write can move or stop decoding BAR 0: bound doorbell ioeventfds follow it.
+    /// A write touching `pci_cfg_data` then writes BAR 0 through the PCI configuration access
+    /// window.
     fn config_write(&mut self, offset: u16, data: &[u8]) {
         self.cfg.write(offset, data);
         let now = self.bar_address();
         if let Some(b) = self.doorbells.as_mut() {
             b.rebind(now);
+        }
+        if self.touches_pci_cfg_data(offset, data.len()) {
+            self.pci_cfg_write();
         }
     }
 

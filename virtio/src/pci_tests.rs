@@ -14,7 +14,7 @@ use crate::rng::{EntropySource, Rng};
 use crate::spec::*;
 use crate::test_utils::ring_layout;
 
-struct Ones;
+pub(super) struct Ones;
 impl EntropySource for Ones {
     fn fill(&mut self, buf: &mut [u8]) -> std::io::Result<()> {
         buf.fill(1);
@@ -22,14 +22,14 @@ impl EntropySource for Ones {
     }
 }
 
-struct Pci {
-    f: VirtioPciTransport<Rng<GuestMemoryMmap, Ones>>,
-    sink: Arc<RecordingMsiSink>,
-    mem: GuestMemoryMmap,
+pub(super) struct Pci {
+    pub(super) f: VirtioPciTransport<Rng<GuestMemoryMmap, Ones>>,
+    pub(super) sink: Arc<RecordingMsiSink>,
+    pub(super) mem: GuestMemoryMmap,
 }
 
 impl Pci {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let sink = Arc::new(RecordingMsiSink::default());
         let dev = Rng::new(Ones);
@@ -37,24 +37,24 @@ impl Pci {
         let f = VirtioPciTransport::new(dev, mem.clone(), msix).unwrap();
         Self { f, sink, mem }
     }
-    fn cfg32(&mut self, off: u16) -> u32 {
+    pub(super) fn cfg32(&mut self, off: u16) -> u32 {
         let mut b = [0u8; 4];
         self.f.config_read(off, &mut b);
         u32::from_le_bytes(b)
     }
-    fn rd(&mut self, off: u64, len: usize) -> u64 {
+    pub(super) fn rd(&mut self, off: u64, len: usize) -> u64 {
         let mut b = [0u8; 8];
         self.f.bar_read(0, off, &mut b[..len]);
         u64::from_le_bytes(b)
     }
-    fn wr(&mut self, off: u64, len: usize, v: u64) {
+    pub(super) fn wr(&mut self, off: u64, len: usize, v: u64) {
         self.f.bar_write(0, off, &v.to_le_bytes()[..len]);
     }
-    fn status(&mut self) -> u8 {
+    pub(super) fn status(&mut self) -> u8 {
         self.rd(0x14, 1) as u8
     }
     /// Negotiate VERSION_1, set up queue 0 (size 16) with MSI-X vector `qvec`, DRIVER_OK.
-    fn bring_up(&mut self, qvec: u16) {
+    pub(super) fn bring_up(&mut self, qvec: u16) {
         self.wr(0x14, 1, 1);
         self.wr(0x14, 1, 3);
         self.wr(0x08, 4, 1);
@@ -75,7 +75,7 @@ impl Pci {
         assert_eq!(self.status(), 0xf);
     }
     /// Post one writable buffer of `len` bytes at 0x200_0000 as chain 0 of queue 0.
-    fn post(&mut self, len: u32) {
+    pub(super) fn post(&mut self, len: u32) {
         let l = ring_layout(0, 16);
         let t = DescriptorTable::new(&self.mem, l.desc, 16);
         let d = SplitDescriptor::new(0x200_0000, len, VRING_DESC_F_WRITE as u16, 0);
@@ -88,13 +88,13 @@ impl Pci {
             .write_obj(idx + 1, GuestAddress(l.avail.0 + 2))
             .unwrap();
     }
-    fn used_idx(&self) -> u16 {
+    pub(super) fn used_idx(&self) -> u16 {
         self.mem
             .read_obj(GuestAddress(ring_layout(0, 16).used.0 + 2))
             .unwrap()
     }
     /// Enable MSI-X and program+unmask `vector` with data `data`.
-    fn msix_program(&mut self, vector: u16, data: u32) {
+    pub(super) fn msix_program(&mut self, vector: u16, data: u32) {
         let cap = self.f.msix_cap();
         self.f.config_write(cap + 2, &0x8000u16.to_le_bytes());
         let e = MSIX_TABLE_OFFSET as u64 + 16 * vector as u64;
@@ -105,7 +105,7 @@ impl Pci {
     }
 }
 
-trait MsixCap {
+pub(super) trait MsixCap {
     fn msix_cap(&mut self) -> u16;
 }
 impl<T: PciFunction> MsixCap for T {
@@ -142,7 +142,8 @@ fn header_and_virtio_capabilities() {
             let bar = p.cfg32(at + 4) as u8;
             let offset = p.cfg32(at + 8);
             let length = p.cfg32(at + 12);
-            let extra = (cfg_type == VIRTIO_PCI_CAP_NOTIFY_CFG).then(|| p.cfg32(at + 16));
+            let extra = matches!(cfg_type, VIRTIO_PCI_CAP_NOTIFY_CFG | VIRTIO_PCI_CAP_PCI_CFG)
+                .then(|| p.cfg32(at + 16));
             assert_eq!((h >> 16) as u8, if extra.is_some() { 20 } else { 16 });
             caps.push((cfg_type, bar, offset, length, extra));
         } else {
@@ -157,6 +158,9 @@ fn header_and_virtio_capabilities() {
             (VIRTIO_PCI_CAP_ISR_CFG, 0, 0x1000, 4, None),
             (VIRTIO_PCI_CAP_DEVICE_CFG, 0, 0x2000, 0x1000, None),
             (VIRTIO_PCI_CAP_NOTIFY_CFG, 0, 0x3000, 4, Some(4)),
+            // virtio 1.2 §4.1.4.9: bar, offset, length and pci_cfg_data all zero until the
+            // driver sets them.
+            (VIRTIO_PCI_CAP_PCI_CFG, 0, 0, 0, Some(0)),
         ]
     );
     // BAR0 sizing: 64-bit memory BAR of 32 KiB.
