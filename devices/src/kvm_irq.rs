@@ -47,7 +47,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::interrupt::InterruptSource;
 use crate::ioapic::IOAPIC_NUM_PINS;
-use crate::msi::{MsiMessage, MsiSink};
+use crate::msi::{IrqfdControl, MsiMessage, MsiSink};
 use crate::pci::Msix;
 
 /// The first GSI [`KvmIrqRouter::allocate_gsi`] hands out (after the IOAPIC pins).
@@ -152,12 +152,13 @@ impl KvmIrqRouter {
     }
 
     /// Give every vector of `msix` an irqfd on a fresh GSI ([`Msix::attach_irqfd`]); the table
-    /// entries' messages then follow into the GSI routes. Call before taking
+    /// entries' messages then follow into the GSI routes, and `msix` attaches each irqfd to KVM
+    /// only while its vector is unmasked ([`IrqfdControl`]). Call before taking
     /// [`Msix::vector`] handles.
     pub fn attach_msix(&self, msix: &Msix) -> Result<(), KvmIrqError> {
         for v in 0..msix.config().vectors {
             let gsi = self.allocate_gsi()?;
-            let fd = Arc::new(self.irqfd(gsi)?);
+            let fd = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(KvmIrqError::Io)?);
             msix.attach_irqfd(v, gsi, fd).map_err(KvmIrqError::Io)?;
         }
         Ok(())
@@ -209,6 +210,20 @@ impl MsiSink for KvmIrqRouter {
             }
         }
         self.commit(&routes)
+    }
+
+    fn irqfd_control(&self) -> Option<&dyn IrqfdControl> {
+        Some(self)
+    }
+}
+
+impl IrqfdControl for KvmIrqRouter {
+    fn register_irqfd(&self, gsi: u32, fd: &EventFd) -> io::Result<()> {
+        self.vm.register_irqfd(fd, gsi).map_err(io::Error::from)
+    }
+
+    fn unregister_irqfd(&self, gsi: u32, fd: &EventFd) -> io::Result<()> {
+        self.vm.unregister_irqfd(fd, gsi).map_err(io::Error::from)
     }
 }
 

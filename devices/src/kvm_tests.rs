@@ -309,34 +309,103 @@ impl BusDevice for Doorbells {
 /// 0xCF8/0xCFC (BAR, memory decoding, MSI-X enable) and its MSI-X table through the BAR; a
 /// vector triggered while masked stays pending (PBA bit visible to the guest) and reaches the
 /// guest's IDT handler through its irqfd once unmasked; a `KVM_SIGNAL_MSI` interrupt arrives too.
+/// Guest code: a configuration write through 0xCF8/0xCFC to device `MSIX_DEV`, function 0
+/// (`word`: a 16-bit store to `reg`, else 32-bit). Clobbers eax, dx.
+fn cfg_write(a: &mut CodeAssembler, reg: u32, v: u32, word: bool) -> Result<(), IcedError> {
+    a.mov(dx, 0xcf8u32)?;
+    a.mov(eax, 0x8000_0000 | MSIX_DEV << 11 | (reg & 0xfc))?;
+    a.out(dx, eax)?;
+    a.mov(dx, 0xcfc + (reg & 3))?;
+    a.mov(eax, v)?;
+    if word { a.out(dx, ax) } else { a.out(dx, eax) }
+}
+
+/// Guest code: spin (bounded) until the counter at `[rdi]` reaches `n`. Clobbers ecx.
+fn wait(a: &mut CodeAssembler, n: u32) -> Result<(), IcedError> {
+    let mut again = a.create_label();
+    let mut done = a.create_label();
+    a.mov(ecx, 50_000u32)?;
+    a.set_label(&mut again)?;
+    a.cmp(dword_ptr(rdi), n)?;
+    a.jae(done)?;
+    a.pause()?;
+    a.dec(ecx)?;
+    a.jnz(again)?;
+    a.set_label(&mut done)?;
+    a.nop()
+}
+
+/// Guest code: the MSI handler for the MSI-X tests (count, EOI).
+fn counting_handler(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.push(rax)?;
+    a.mov(rax, COUNTER)?;
+    a.inc(dword_ptr(rax))?;
+    a.mov(rax, LAPIC_BASE)?;
+    a.mov(dword_ptr(rax + LAPIC_EOI), 0u32)?;
+    a.pop(rax)?;
+    a.iretq()
+}
+
+/// The PCI slot of the MSI-X test function.
+const MSIX_DEV: u32 = 1;
+/// Where its guests put BAR 0 (MSI-X table at 0, PBA at 0x800).
+const MSIX_BAR: u64 = 0xd000_0000;
+
+/// A 2-vector MSI-X function (capability at 0x40, table and PBA in BAR 0) delivering through
+/// `router`, with irqfds on every vector, on a root bus with 0xCF8 on `buses`.
+fn msix_function(
+    router: &Arc<KvmIrqRouter>,
+    buses: &Arc<IoBuses>,
+) -> (Arc<crate::pci::PciRoot>, crate::pci::Msix) {
+    use crate::pci::{BarKind, ConfigSpace, Msix, MsixConfig, PciHeader, PciRoot};
+    let msix = Msix::new(
+        MsixConfig {
+            vectors: 2,
+            table_bar: 0,
+            table_offset: 0,
+            pba_bar: 0,
+            pba_offset: 0x800,
+        },
+        router.clone(),
+    )
+    .unwrap();
+    router.attach_msix(&msix).unwrap();
+    let mut cfg = ConfigSpace::new(&PciHeader {
+        vendor_id: 0x1af4,
+        device_id: 0x10ff,
+        ..Default::default()
+    });
+    cfg.add_bar(
+        0,
+        BarKind::Memory64 {
+            prefetchable: false,
+        },
+        0x1000,
+    )
+    .unwrap();
+    cfg.add_msix(&msix).unwrap();
+    let root = PciRoot::new(buses);
+    let function = MsixFunction {
+        cfg,
+        msix: msix.clone(),
+    };
+    root.add(
+        MSIX_DEV as u8,
+        0,
+        "msix-test",
+        Arc::new(Mutex::new(function)),
+    )
+    .unwrap();
+    buses.pio.insert(0xcf8, 8, "pci", root.config_io()).unwrap();
+    (root, msix)
+}
+
 #[test]
 fn kvm_msix_irqfd_and_signal_msi() {
     use crate::interrupt::InterruptSource;
-    use crate::pci::{BarKind, ConfigSpace, Msix, MsixConfig, PciHeader, PciRoot};
     const VECTOR: u32 = 0x40;
-    const BAR: u64 = 0xd000_0000;
-    const DEV: u32 = 1;
-    fn cfg_write(a: &mut CodeAssembler, reg: u32, v: u32, word: bool) -> Result<(), IcedError> {
-        a.mov(dx, 0xcf8u32)?;
-        a.mov(eax, 0x8000_0000 | DEV << 11 | (reg & 0xfc))?;
-        a.out(dx, eax)?;
-        a.mov(dx, 0xcfc + (reg & 3))?;
-        a.mov(eax, v)?;
-        if word { a.out(dx, ax) } else { a.out(dx, eax) }
-    }
-    fn wait(a: &mut CodeAssembler, n: u32) -> Result<(), IcedError> {
-        let mut again = a.create_label();
-        let mut done = a.create_label();
-        a.mov(ecx, 50_000u32)?;
-        a.set_label(&mut again)?;
-        a.cmp(dword_ptr(rdi), n)?;
-        a.jae(done)?;
-        a.pause()?;
-        a.dec(ecx)?;
-        a.jnz(again)?;
-        a.set_label(&mut done)?;
-        a.nop()
-    }
+    const BAR: u64 = MSIX_BAR;
+    const DEV: u32 = MSIX_DEV;
     let g = IrqGuest::new(
         |a| {
             a.mov(rbx, LAPIC_BASE)?;
@@ -365,55 +434,15 @@ fn kvm_msix_irqfd_and_signal_msi() {
             a.mov(eax, dword_ptr(rdi))?;
             a.out(0xf4, eax)
         },
-        |a| {
-            a.push(rax)?;
-            a.mov(rax, COUNTER)?;
-            a.inc(dword_ptr(rax))?;
-            a.mov(rax, LAPIC_BASE)?;
-            a.mov(dword_ptr(rax + LAPIC_EOI), 0u32)?;
-            a.pop(rax)?;
-            a.iretq()
-        },
+        counting_handler,
         VECTOR as u8,
     )
     .unwrap();
     let IrqGuest { vm, mut vcpu, _mem } = g;
 
     let router = KvmIrqRouter::new(&vm).unwrap();
-    let msix = Msix::new(
-        MsixConfig {
-            vectors: 2,
-            table_bar: 0,
-            table_offset: 0,
-            pba_bar: 0,
-            pba_offset: 0x800,
-        },
-        router.clone(),
-    )
-    .unwrap();
-    router.attach_msix(&msix).unwrap();
-    let mut cfg = ConfigSpace::new(&PciHeader {
-        vendor_id: 0x1af4,
-        device_id: 0x10ff,
-        ..Default::default()
-    });
-    cfg.add_bar(
-        0,
-        BarKind::Memory64 {
-            prefetchable: false,
-        },
-        0x1000,
-    )
-    .unwrap();
-    cfg.add_msix(&msix).unwrap();
     let buses = Arc::new(IoBuses::default());
-    let root = PciRoot::new(&buses);
-    let function = MsixFunction {
-        cfg,
-        msix: msix.clone(),
-    };
-    root.add(DEV as u8, 0, "msix-test", Arc::new(Mutex::new(function)))
-        .unwrap();
+    let (root, msix) = msix_function(&router, &buses);
     let doorbells = Arc::new(Doorbells {
         vector: msix.vector(0),
         signal: crate::kvm_irq::SignalMsiInterrupt::new(
@@ -428,7 +457,6 @@ fn kvm_msix_irqfd_and_signal_msi() {
     });
     assert!(doorbells.vector.notifier().is_some());
     let stop = StopHandle::new();
-    buses.pio.insert(0xcf8, 8, "pci", root.config_io()).unwrap();
     buses
         .pio
         .insert(0x80, 8, "doorbells", doorbells.clone())
@@ -451,5 +479,128 @@ fn kvm_msix_irqfd_and_signal_msi() {
         (s.delivered, s.pended, s.dropped, s.bad_accesses),
         (2, 1, 0, 0)
     );
+    assert_eq!(root.stats(), crate::pci::PciStats::default());
+}
+
+/// A device that writes an MSI-X vector's eventfd itself (as io_uring completions or vhost-style
+/// backends do) on a port 0x80 write; 0x84 records (guest value, MSI-X stats) checkpoints.
+struct DirectWriter {
+    vector: crate::pci::MsixVector,
+    msix: crate::pci::Msix,
+    log: Mutex<Vec<(u32, crate::pci::MsixStats)>>,
+}
+
+impl BusDevice for DirectWriter {
+    fn read(&self, _: u64, data: &mut [u8]) {
+        data.fill(0)
+    }
+    fn write(&self, offset: u64, data: &[u8]) {
+        use crate::interrupt::InterruptSource;
+        match (offset, data) {
+            (0, _) => self.vector.notifier().unwrap().write(1).unwrap(),
+            (4, [a, b, c, d]) => self
+                .log
+                .lock()
+                .unwrap()
+                .push((u32::from_le_bytes([*a, *b, *c, *d]), self.msix.stats())),
+            _ => {}
+        }
+    }
+}
+
+/// PCI 3.0 §6.8.3.5 for irqfd-backed vectors: the device writes the vector's eventfd directly
+/// while the guest has the vector masked — no interrupt reaches the guest, the PBA shows the
+/// vector pending, and unmasking delivers exactly one interrupt; unmasked, the eventfd write goes
+/// straight to the guest; under the function mask it is held again and delivered once when the
+/// guest clears the function mask.
+#[test]
+fn kvm_msix_masked_irqfd_write_is_held_pending() {
+    const VECTOR: u32 = 0x41;
+    const PBA: i32 = 0x800;
+    fn spin(a: &mut CodeAssembler) -> Result<(), IcedError> {
+        // Room for an interrupt that should not come (taken at the first instruction after
+        // the exit anyway: KVM injects the irqfd before re-entering the guest).
+        let mut again = a.create_label();
+        a.mov(ecx, 2000u32)?;
+        a.set_label(&mut again)?;
+        a.dec(ecx)?;
+        a.jnz(again)
+    }
+    fn checkpoint_counter(a: &mut CodeAssembler) -> Result<(), IcedError> {
+        a.mov(eax, dword_ptr(rdi))?;
+        a.out(0x84, eax)
+    }
+    let g = IrqGuest::new(
+        |a| {
+            a.mov(rbx, LAPIC_BASE)?;
+            a.mov(dword_ptr(rbx + LAPIC_SVR), 0x1ffu32)?;
+            a.mov(rdi, COUNTER)?;
+            cfg_write(a, 0x10, MSIX_BAR as u32, false)?; // BAR0 low (64-bit BAR)
+            cfg_write(a, 0x14, 0, false)?; // BAR0 high
+            cfg_write(a, 0x04, 0x6, true)?; // memory space + bus master
+            cfg_write(a, 0x42, 0x8000, true)?; // MSI-X enable
+            a.mov(rsi, MSIX_BAR)?;
+            a.mov(dword_ptr(rsi), LAPIC_BASE as u32)?; // entry 0: address
+            a.mov(dword_ptr(rsi + 4), 0u32)?;
+            a.mov(dword_ptr(rsi + 8), VECTOR)?; // data; the entry stays masked
+            a.sti()?;
+            a.out(0x80, al)?; // the device writes the eventfd twice while masked
+            a.out(0x80, al)?;
+            spin(a)?;
+            checkpoint_counter(a)?; // 0: no interrupt
+            a.mov(eax, dword_ptr(rsi + PBA))?;
+            a.out(0x84, eax)?; // PBA: vector 0 pending
+            a.mov(dword_ptr(rsi + 12), 0u32)?; // unmask
+            wait(a, 1)?;
+            spin(a)?;
+            checkpoint_counter(a)?; // 1: exactly one
+            a.out(0x80, al)?; // unmasked: the irqfd is attached again
+            wait(a, 2)?;
+            checkpoint_counter(a)?; // 2
+            cfg_write(a, 0x42, 0xc000, true)?; // function mask
+            a.out(0x80, al)?;
+            spin(a)?;
+            checkpoint_counter(a)?; // 2: held
+            cfg_write(a, 0x42, 0x8000, true)?; // clear the function mask
+            wait(a, 3)?;
+            spin(a)?;
+            a.mov(eax, dword_ptr(rdi))?;
+            a.out(0xf4, eax)
+        },
+        counting_handler,
+        VECTOR as u8,
+    )
+    .unwrap();
+    let IrqGuest { vm, mut vcpu, _mem } = g;
+    let router = KvmIrqRouter::new(&vm).unwrap();
+    let buses = Arc::new(IoBuses::default());
+    let (root, msix) = msix_function(&router, &buses);
+    let device = Arc::new(DirectWriter {
+        vector: msix.vector(0),
+        msix: msix.clone(),
+        log: Mutex::default(),
+    });
+    let stop = StopHandle::new();
+    buses.pio.insert(0x80, 8, "device", device.clone()).unwrap();
+    buses
+        .pio
+        .insert(0xf4, 4, "exit", Arc::new(DebugExit::new(stop.clone())))
+        .unwrap();
+    let mut stats = ExitStats::default();
+    let out = vmkit_vcpu::run_until_exit(&mut vcpu, &*buses, &stop, &mut stats).unwrap();
+    let log = device.log.lock().unwrap();
+    let values: Vec<u32> = log.iter().map(|(v, _)| *v).collect();
+    assert_eq!(out, RunOutcome::Stopped(3), "{log:?}");
+    assert_eq!(values, [0, 1, 1, 2, 2], "{log:?}");
+    // The PBA read folded both eventfd writes into the pending bit.
+    assert_eq!(log[1].1.pended, 2);
+    let s = msix.stats();
+    // Delivered by Msix: the two unmask deliveries (the unmasked write went straight to KVM).
+    assert_eq!(
+        (s.delivered, s.pended, s.dropped, s.delivery_errors),
+        (2, 3, 0, 0),
+        "{s:?}"
+    );
+    assert!(!msix.pending(0));
     assert_eq!(root.stats(), crate::pci::PciStats::default());
 }

@@ -12,11 +12,14 @@
 //! assert_eq!(f.delivery_mode, DeliveryMode::Fixed);
 //! ```
 
+use std::collections::BTreeSet;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
 
 /// Bits 31:20 of every MSI address (SDM 11.11.1, Figure 11-24).
 pub const MSI_ADDRESS_BASE: u64 = 0xfee0_0000;
@@ -161,6 +164,25 @@ pub trait MsiSink: Send + Sync {
         let _ = (gsi, msg);
         Ok(())
     }
+
+    /// The sink's control over irqfd registration, if it has one. With it, an
+    /// [`Msix`](crate::pci::Msix) detaches a vector's irqfd while the vector is masked, so that
+    /// eventfd writes only count up until the vector is unmasked (or the PBA is read). The
+    /// default has none: irqfds stay as their owner registered them.
+    fn irqfd_control(&self) -> Option<&dyn IrqfdControl> {
+        None
+    }
+}
+
+/// Attaching and detaching an eventfd as the irqfd of a GSI (`KVM_IRQFD`, and `KVM_IRQFD` with
+/// `KVM_IRQFD_FLAG_DEASSIGN`). While attached, every write to the eventfd injects the GSI's
+/// route and consumes the count; while detached, writes only add to the eventfd's counter.
+pub trait IrqfdControl: Send + Sync {
+    /// Attach `fd` as the irqfd of `gsi` (a count already in `fd` is injected at once).
+    fn register_irqfd(&self, gsi: u32, fd: &EventFd) -> io::Result<()>;
+    /// Detach `fd` from `gsi`; succeeds also when it was not attached. After it returns, writes
+    /// to `fd` inject nothing.
+    fn unregister_irqfd(&self, gsi: u32, fd: &EventFd) -> io::Result<()>;
 }
 
 /// One thing a [`RecordingMsiSink`] saw.
@@ -172,10 +194,23 @@ pub enum MsiEvent {
     Route(u32, Option<MsiMessage>),
 }
 
-/// Records every message and route change; for tests.
+/// One irqfd registration change a [`RecordingMsiSink`] saw ([`RecordingMsiSink::irqfd_events`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IrqfdEvent {
+    /// [`IrqfdControl::register_irqfd`] of `gsi`.
+    Registered(u32),
+    /// [`IrqfdControl::unregister_irqfd`] of `gsi`.
+    Unregistered(u32),
+}
+
+/// Records every message, route change and irqfd registration; for tests. As an
+/// [`IrqfdControl`] it only keeps track of which (GSI, eventfd) pairs are attached: a test plays
+/// KVM by draining the eventfds of attached GSIs ([`RecordingMsiSink::irqfd_registered`]).
 #[derive(Debug, Default)]
 pub struct RecordingMsiSink {
     events: Mutex<Vec<MsiEvent>>,
+    irqfd_events: Mutex<Vec<IrqfdEvent>>,
+    irqfds: Mutex<BTreeSet<(u32, RawFd)>>,
 }
 
 impl RecordingMsiSink {
@@ -217,6 +252,43 @@ impl RecordingMsiSink {
             .unwrap_or_else(|e| e.into_inner())
             .push(e);
     }
+
+    /// The irqfd registrations and deregistrations so far, in order (not part of
+    /// [`RecordingMsiSink::events`]).
+    pub fn irqfd_events(&self) -> Vec<IrqfdEvent> {
+        self.irqfd_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Forget the recorded irqfd events (the set of attached irqfds stays).
+    pub fn clear_irqfd_events(&self) {
+        self.irqfd_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// Whether `fd` is currently attached as the irqfd of `gsi`.
+    pub fn irqfd_registered(&self, gsi: u32, fd: &EventFd) -> bool {
+        self.irqfds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&(gsi, fd.as_raw_fd()))
+    }
+
+    fn irqfd_change(&self, gsi: u32, fd: &EventFd, attach: bool) {
+        let mut set = self.irqfds.lock().unwrap_or_else(|e| e.into_inner());
+        let mut events = self.irqfd_events.lock().unwrap_or_else(|e| e.into_inner());
+        if attach {
+            set.insert((gsi, fd.as_raw_fd()));
+            events.push(IrqfdEvent::Registered(gsi));
+        } else {
+            set.remove(&(gsi, fd.as_raw_fd()));
+            events.push(IrqfdEvent::Unregistered(gsi));
+        }
+    }
 }
 
 impl MsiSink for RecordingMsiSink {
@@ -226,6 +298,24 @@ impl MsiSink for RecordingMsiSink {
     }
     fn set_route(&self, gsi: u32, msg: Option<MsiMessage>) -> io::Result<()> {
         self.push(MsiEvent::Route(gsi, msg));
+        Ok(())
+    }
+    fn irqfd_control(&self) -> Option<&dyn IrqfdControl> {
+        Some(self)
+    }
+}
+
+impl IrqfdControl for RecordingMsiSink {
+    fn register_irqfd(&self, gsi: u32, fd: &EventFd) -> io::Result<()> {
+        // KVM refuses a second registration of the same eventfd.
+        if self.irqfd_registered(gsi, fd) {
+            return Err(io::Error::from_raw_os_error(libc::EBUSY));
+        }
+        self.irqfd_change(gsi, fd, true);
+        Ok(())
+    }
+    fn unregister_irqfd(&self, gsi: u32, fd: &EventFd) -> io::Result<()> {
+        self.irqfd_change(gsi, fd, false);
         Ok(())
     }
 }

@@ -61,6 +61,8 @@ pub use msix::{Msix, MsixConfig, MsixState, MsixStats, MsixVector};
 pub use root::{PciConfigIo, PciEcam, PciRoot, PciStats};
 
 #[cfg(test)]
+mod msix_irqfd_tests;
+#[cfg(test)]
 mod tests;
 
 use serde::{Deserialize, Serialize};

@@ -11,6 +11,18 @@
 //! ([`Msix::attach_irqfd`]) — writes the eventfd, and the table entry's message is kept in the
 //! sink's GSI route ([`MsiSink::set_route`]).
 //!
+//! ## Masking irqfd-backed vectors
+//!
+//! A device may write a vector's eventfd directly ([`InterruptSource::notifier`]), without going
+//! through [`Msix`]. So that such writes obey masking too (PCI 3.0 §6.8.3.5: a masked vector's
+//! message is not sent, its pending bit is set, and it is sent on unmask), the irqfd is attached
+//! to KVM only while the vector is deliverable — MSI-X enabled, function not masked, vector not
+//! masked — when the sink offers [`MsiSink::irqfd_control`] (as `KvmIrqRouter` does). While it
+//! is detached, eventfd writes only add to the eventfd's counter; a PBA read, [`Msix::pending`],
+//! [`Msix::state`] and every mask or enable transition fold a nonzero count into the pending bit
+//! (while MSI-X is disabled the signals are dropped instead, as for [`Msix::signal`]). On unmask
+//! the irqfd is attached again and a pending message is sent once, through it.
+//!
 //! ```
 //! use std::sync::Arc;
 //! use vmkit_devices::InterruptSource;
@@ -32,6 +44,7 @@
 //! ```
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
@@ -99,15 +112,19 @@ pub struct MsixState {
 /// Counters of an MSI-X function.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsixStats {
-    /// Messages delivered (sink or irqfd).
+    /// Messages delivered through the sink or by [`Msix`] writing an irqfd (writes a device
+    /// makes to an attached irqfd itself go straight to KVM and are not counted).
     pub delivered: u64,
-    /// Signals held pending because the vector or function was masked.
+    /// Signals held pending because the vector or function was masked (incl. eventfd writes to
+    /// a detached irqfd, folded into the pending bit).
     pub pended: u64,
-    /// Signals dropped because MSI-X was disabled or the vector number was out of range.
+    /// Signals dropped because MSI-X was disabled or the vector number was out of range (incl.
+    /// eventfd writes to a detached irqfd while MSI-X was disabled, or before a reset/restore).
     pub dropped: u64,
     /// Table/PBA accesses ignored: wrong width or alignment, straddling the end, PBA writes.
     pub bad_accesses: u64,
-    /// Deliveries that failed (sink or eventfd error) while unmasking.
+    /// Deliveries that failed (sink or eventfd error) while unmasking, failed route updates,
+    /// and failed irqfd attach/detach or eventfd reads.
     pub delivery_errors: u64,
 }
 
@@ -140,6 +157,9 @@ impl Entry {
 struct Irqfd {
     gsi: u32,
     fd: Arc<EventFd>,
+    /// Attached to KVM as the irqfd of `gsi`. Always true when the sink has no
+    /// [`IrqfdControl`](crate::msi::IrqfdControl) (the owner registered it and it stays registered).
+    registered: bool,
 }
 
 struct State {
@@ -216,9 +236,21 @@ impl Msix {
     /// enable and function mask. Becoming deliverable delivers pending unmasked vectors.
     pub fn set_control(&self, control: u16) {
         let mut s = self.lock();
-        s.enabled = control & MSIX_CTRL_ENABLE != 0;
-        s.function_mask = control & MSIX_CTRL_FUNCTION_MASK != 0;
-        for v in 0..self.0.config.vectors as usize {
+        let enabled = control & MSIX_CTRL_ENABLE != 0;
+        let function_mask = control & MSIX_CTRL_FUNCTION_MASK != 0;
+        let n = self.0.config.vectors as usize;
+        if (enabled, function_mask) != (s.enabled, s.function_mask) {
+            // Signals collected by detached irqfds belong to the old state.
+            for v in 0..n {
+                self.fold(&mut s, v);
+            }
+            s.enabled = enabled;
+            s.function_mask = function_mask;
+            for v in 0..n {
+                self.sync_irqfd(&mut s, v);
+            }
+        }
+        for v in 0..n {
             self.deliver_if_pending(&mut s, v);
         }
     }
@@ -235,9 +267,11 @@ impl Msix {
         s.function_mask || s.table.get(vector as usize).is_none_or(Entry::masked)
     }
 
-    /// Whether `vector`'s pending bit is set.
+    /// Whether `vector`'s pending bit is set (after folding in what its detached irqfd
+    /// collected).
     pub fn pending(&self, vector: u16) -> bool {
-        let s = self.lock();
+        let mut s = self.lock();
+        self.fold(&mut s, vector as usize);
         pending_bit(&s, vector as usize)
     }
 
@@ -252,18 +286,26 @@ impl Msix {
     }
 
     /// Function-level reset: MSI-X disabled, every vector masked with a zero message, no pending
-    /// bits. Attached irqfds stay attached.
+    /// bits. Irqfds stay attached to their vectors (and are detached from KVM, the vectors being
+    /// masked); signals they collected are dropped.
     pub fn reset(&self) {
         let mut s = self.lock();
         s.enabled = false;
         s.function_mask = false;
         s.table.fill(Entry::RESET);
+        for v in 0..s.table.len() {
+            self.sync_irqfd(&mut s, v);
+            self.fold(&mut s, v); // disabled: counted as dropped
+        }
         s.pending.fill(0);
     }
 
-    /// The state, for snapshots.
+    /// The state, for snapshots (pending bits include what detached irqfds collected).
     pub fn state(&self) -> MsixState {
-        let s = self.lock();
+        let mut s = self.lock();
+        for v in 0..s.table.len() {
+            self.fold(&mut s, v);
+        }
         MsixState {
             enabled: s.enabled,
             function_mask: s.function_mask,
@@ -277,14 +319,20 @@ impl Msix {
     }
 
     /// Restore a snapshot taken from a function with the same vector count; republishes the
-    /// routes of irqfd-backed vectors. Nothing is delivered (pending bits stay pending until the
-    /// guest's next unmask).
+    /// routes of irqfd-backed vectors and attaches their irqfds exactly where the restored
+    /// vectors are deliverable (signals detached irqfds collected before are dropped). Nothing
+    /// is delivered (pending bits stay pending until the guest's next unmask).
     pub fn restore(&self, state: &MsixState) -> Result<(), PciError> {
         let mut s = self.lock();
         if state.table.len() != s.table.len() || state.pending.len() != s.pending.len() {
             return Err(PciError::MsixLayout(
                 "snapshot has a different vector count",
             ));
+        }
+        // The snapshot's pending bits replace whatever was collected before it.
+        s.enabled = false;
+        for v in 0..s.table.len() {
+            self.fold(&mut s, v);
         }
         s.enabled = state.enabled;
         s.function_mask = state.function_mask;
@@ -308,22 +356,46 @@ impl Msix {
                 s.stats.delivery_errors += 1;
             }
         }
+        for v in 0..s.table.len() {
+            self.sync_irqfd(&mut s, v);
+        }
         Ok(())
     }
 
-    /// Deliver `vector` through `fd` (an eventfd the caller registered as a KVM irqfd for `gsi`)
-    /// instead of the sink; the entry's message is kept as `gsi`'s route through
-    /// [`MsiSink::set_route`]. Attach before handing out [`Msix::vector`] handles.
+    /// Deliver `vector` through `fd`, the irqfd of `gsi`, instead of the sink; the entry's
+    /// message is kept as `gsi`'s route through [`MsiSink::set_route`]. Attach before handing
+    /// out [`Msix::vector`] handles.
+    ///
+    /// When the sink has [`MsiSink::irqfd_control`], [`Msix`] owns the registration from here
+    /// on (whether or not the caller registered `fd`): it makes `fd` non-blocking and attaches
+    /// it to KVM only while the vector is deliverable (see the module docs). Without it, `fd`
+    /// must be registered by the caller and stays so; direct writes to it then bypass masking.
     pub fn attach_irqfd(&self, vector: u16, gsi: u32, fd: Arc<EventFd>) -> io::Result<()> {
         let mut s = self.lock();
-        let msg = match s.table.get(vector as usize) {
+        let v = vector as usize;
+        let msg = match s.table.get(v) {
             Some(e) => e.message(),
             None => return Err(io::Error::from(io::ErrorKind::InvalidInput)),
         };
-        self.0.sink.set_route(gsi, Some(msg))?;
-        if let Some(slot) = s.irqfds.get_mut(vector as usize) {
-            *slot = Some(Irqfd { gsi, fd });
+        let ctl = self.0.sink.irqfd_control();
+        if let Some(ctl) = ctl {
+            set_nonblocking(&fd)?;
+            ctl.unregister_irqfd(gsi, &fd)?;
         }
+        self.0.sink.set_route(gsi, Some(msg))?;
+        if let (Some(ctl), Some(Some(old))) = (ctl, s.irqfds.get(v))
+            && old.registered
+        {
+            ctl.unregister_irqfd(old.gsi, &old.fd)?;
+        }
+        if let Some(slot) = s.irqfds.get_mut(v) {
+            *slot = Some(Irqfd {
+                gsi,
+                fd,
+                registered: ctl.is_none(),
+            });
+        }
+        self.sync_irqfd(&mut s, v);
         Ok(())
     }
 
@@ -364,13 +436,67 @@ impl Msix {
 
     fn deliver(&self, s: &mut State, v: usize, msg: MsiMessage) -> io::Result<()> {
         let r = match s.irqfds.get(v).and_then(|i| i.as_ref()) {
-            Some(i) => i.fd.write(1),
-            None => self.0.sink.send(msg),
+            Some(i) if i.registered => i.fd.write(1),
+            // No irqfd, or attaching it failed: the sink still reaches the guest.
+            _ => self.0.sink.send(msg),
         };
         if r.is_ok() {
             s.stats.delivered += 1;
         }
         r
+    }
+
+    /// Fold what `v`'s detached irqfd collected into its pending bit (counted as dropped while
+    /// MSI-X is disabled). Reading the eventfd consumes the count.
+    fn fold(&self, s: &mut State, v: usize) {
+        let Some(Some(i)) = s.irqfds.get(v) else {
+            return;
+        };
+        if i.registered {
+            return; // KVM consumes the count (or the sink cannot detach it)
+        }
+        let n = match i.fd.read() {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(_) => {
+                s.stats.delivery_errors += 1;
+                0
+            }
+        };
+        if n == 0 {
+            return;
+        }
+        if s.enabled {
+            set_pending(s, v, true);
+            s.stats.pended = s.stats.pended.saturating_add(n);
+            // Deliverable but detached (attaching failed): the sink sends it.
+            self.deliver_if_pending(s, v);
+        } else {
+            s.stats.dropped = s.stats.dropped.saturating_add(n);
+        }
+    }
+
+    /// Attach `v`'s irqfd to KVM exactly while the vector is deliverable (sinks with
+    /// [`IrqfdControl`](crate::msi::IrqfdControl) only).
+    fn sync_irqfd(&self, s: &mut State, v: usize) {
+        let want = s.enabled && !s.function_mask && s.table.get(v).is_some_and(|e| !e.masked());
+        let Some(ctl) = self.0.sink.irqfd_control() else {
+            return;
+        };
+        let Some(Some(i)) = s.irqfds.get_mut(v) else {
+            return;
+        };
+        if i.registered == want {
+            return;
+        }
+        let r = match want {
+            true => ctl.register_irqfd(i.gsi, &i.fd),
+            false => ctl.unregister_irqfd(i.gsi, &i.fd),
+        };
+        match r {
+            Ok(()) => i.registered = want,
+            Err(_) => s.stats.delivery_errors += 1,
+        }
     }
 
     fn deliver_if_pending(&self, s: &mut State, v: usize) {
@@ -410,6 +536,10 @@ impl Msix {
             let mut s = self.lock();
             match dwords(rel, data.len(), self.pba_len()) {
                 Some(_) => {
+                    let first = (rel / 8) as usize * 64;
+                    for v in first..(first + 64).min(s.table.len()) {
+                        self.fold(&mut s, v);
+                    }
                     let q = s.pending.get((rel / 8) as usize).copied().unwrap_or(0);
                     let bytes = q.to_le_bytes();
                     let start = (rel % 8) as usize;
@@ -456,18 +586,28 @@ impl Msix {
             return;
         };
         let old = *e;
+        let mut new = old;
         match w % 4 {
-            0 => e.addr_lo = value & !0x3,
-            1 => e.addr_hi = value,
-            2 => e.data = value,
-            _ => e.ctrl = (e.ctrl & !MSIX_VECTOR_CTRL_MASK) | (value & MSIX_VECTOR_CTRL_MASK),
+            0 => new.addr_lo = value & !0x3,
+            1 => new.addr_hi = value,
+            2 => new.data = value,
+            _ => new.ctrl = (old.ctrl & !MSIX_VECTOR_CTRL_MASK) | (value & MSIX_VECTOR_CTRL_MASK),
         }
-        let new = *e;
+        let mask_change = new.masked() != old.masked();
+        if mask_change {
+            self.fold(s, v);
+        }
+        if let Some(e) = s.table.get_mut(v) {
+            *e = new;
+        }
         if new.message() != old.message()
             && let Some(Some(i)) = s.irqfds.get(v)
             && self.0.sink.set_route(i.gsi, Some(new.message())).is_err()
         {
             s.stats.delivery_errors += 1;
+        }
+        if mask_change {
+            self.sync_irqfd(s, v);
         }
         self.deliver_if_pending(s, v);
     }
@@ -500,6 +640,23 @@ fn table_dword(s: &State, w: u64) -> u32 {
         })
 }
 
+/// Make `fd` non-blocking, so that folding an empty count never waits.
+fn set_nonblocking(fd: &EventFd) -> io::Result<()> {
+    // SAFETY: F_GETFL on a descriptor `fd` owns and keeps open; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if flags & libc::O_NONBLOCK == 0 {
+        // SAFETY: F_SETFL with an integer flag argument on the same open descriptor.
+        let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// `offset` relative to a structure at `base` (len `len`) in `want_bar`, if it starts inside.
 fn inside(bar: u8, offset: u64, want_bar: u8, base: u32, len: u64) -> Option<u64> {
     let rel = offset.checked_sub(base as u64)?;
@@ -514,7 +671,9 @@ fn dwords(rel: u64, size: usize, len: u64) -> Option<usize> {
 
 /// The interrupt handle for one MSI-X vector ([`Msix::vector`]). `trigger` respects masking
 /// (pending bit) and uses the vector's irqfd when one is attached; [`InterruptSource::notifier`]
-/// exposes that eventfd — writing it directly bypasses masking.
+/// exposes that eventfd for hot paths that write it directly. Such writes respect masking too
+/// when the sink controls irqfds ([`MsiSink::irqfd_control`], e.g. `KvmIrqRouter`): the irqfd
+/// is detached while the vector is masked and its count becomes the pending bit (module docs).
 #[derive(Clone)]
 pub struct MsixVector {
     msix: Msix,
