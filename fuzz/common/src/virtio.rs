@@ -3,9 +3,14 @@
 //! accesses, arbitrary writes into guest memory (rings, descriptors, buffers) and kicks — on a
 //! virtio-rng device with a deterministic entropy source.
 //!
+//! virtio-pci inputs also reach BAR 0 through the `VIRTIO_PCI_CAP_PCI_CFG` window
+//! ([`PciOp::Window`]: `cap.bar`, `cap.offset`, `cap.length`, then a `pci_cfg_data` access).
+//!
 //! Invariants: nothing panics or hangs; FEATURES_OK is only ever set with a subset of the
 //! offered features including VERSION_1; a device is activated only with DRIVER_OK set; the rng
-//! never writes more bytes than 64 KiB per completed chain.
+//! never writes more bytes than 64 KiB per completed chain; a window that must not act (bar not
+//! 0, length not 1, 2 or 4, offset misaligned or outside the BAR) changes nothing but
+//! `bad_register_accesses` (+1): no status change, no MSI, no other counter.
 
 use std::sync::Arc;
 
@@ -72,6 +77,36 @@ pub enum Op {
     },
     /// The device changes its configuration.
     ConfigChanged,
+}
+
+/// One guest action on virtio-pci: a shared [`Op`] or a PCI configuration access window use.
+#[derive(Arbitrary, Debug)]
+pub enum PciOp {
+    /// An action shared with virtio-mmio.
+    Common(Op),
+    /// Set up the `VIRTIO_PCI_CAP_PCI_CFG` window, then access `pci_cfg_data`.
+    Window(WindowOp),
+}
+
+/// A use of the PCI configuration access window (virtio 1.2 §4.1.4.9).
+#[derive(Arbitrary, Debug, Clone, Copy)]
+pub struct WindowOp {
+    /// `cap.bar`: `None` for BAR 0 (the virtio BAR), else this raw value.
+    pub bar: Option<u8>,
+    /// `cap.offset`: raw if bit 31 is set, else mod 64 KiB (inside BAR 0 half the time).
+    pub offset: u32,
+    /// `cap.length`: 1, 2 or 4 (by `length % 3`), or the raw value when ≥ 240.
+    pub length: u8,
+    /// Align `cap.offset` down to `cap.length` (when that is a power of two).
+    pub align: bool,
+    /// Store into `pci_cfg_data` (else load).
+    pub write: bool,
+    /// Value stored (low bytes).
+    pub value: u32,
+    /// Width of the `pci_cfg_data` access: 1, 2 or 4 (by `width % 3`).
+    pub width: u8,
+    /// Byte of `pci_cfg_data` accessed (mod 4, aligned down to the width).
+    pub at: u8,
 }
 
 /// Deterministic "entropy".
@@ -203,19 +238,43 @@ pub fn run_mmio(data: &[u8]) {
     }
 }
 
-/// Run one input against virtio-pci.
-pub fn run_pci(data: &[u8]) {
-    let Some((ops, mem)) = ops(data) else { return };
-    let sink = Arc::new(RecordingMsiSink::default());
-    let dev = Rng::new(Fixed);
-    let Ok(msix) = VirtioPciTransport::<Dev>::msix_for(&dev, sink) else {
-        return;
-    };
-    let Ok(mut t) = VirtioPciTransport::new(dev, mem.clone(), msix) else {
-        return;
-    };
-    let mut buf = [0u8; 8];
-    for op in ops {
+/// The virtio-rng PCI function, its MSI sink and where its `VIRTIO_PCI_CAP_PCI_CFG` is.
+struct PciRig {
+    t: VirtioPciTransport<Dev>,
+    sink: Arc<RecordingMsiSink>,
+    mem: GuestMemoryMmap,
+    cfg_cap: u16,
+}
+
+impl PciRig {
+    fn new(mem: GuestMemoryMmap) -> Option<Self> {
+        let sink = Arc::new(RecordingMsiSink::default());
+        let dev = Rng::new(Fixed);
+        let msix = VirtioPciTransport::<Dev>::msix_for(&dev, sink.clone()).ok()?;
+        let mut t = VirtioPciTransport::new(dev, mem.clone(), msix).ok()?;
+        // Find the PCI configuration access capability as a driver does.
+        let mut b = [0u8; 4];
+        t.config_read(0x34, &mut b[..1]);
+        let mut at = b[0] as u16;
+        let cfg_cap = loop {
+            assert!((0x40..0x100).contains(&at), "no VIRTIO_PCI_CAP_PCI_CFG");
+            t.config_read(at, &mut b);
+            if b[0] == 0x09 && b[3] == VIRTIO_PCI_CAP_PCI_CFG {
+                break at;
+            }
+            at = b[1] as u16;
+        };
+        Some(Self {
+            t,
+            sink,
+            mem,
+            cfg_cap,
+        })
+    }
+
+    fn op(&mut self, op: Op) {
+        let t = &mut self.t;
+        let mut buf = [0u8; 8];
         match op {
             Op::Reg {
                 offset,
@@ -226,7 +285,7 @@ pub fn run_pci(data: &[u8]) {
                 let n = width(len);
                 let off = offset as u64 % 0x8000;
                 if off + n as u64 > 0x8000 {
-                    continue; // the root bus never forwards accesses crossing the BAR's end
+                    return; // the root bus never forwards accesses crossing the BAR's end
                 }
                 if write {
                     t.bar_write(0, off, &value.to_le_bytes()[..n]);
@@ -249,7 +308,9 @@ pub fn run_pci(data: &[u8]) {
                 }
             }
             Op::Mem { addr, bytes } => {
-                let _ = mem.write_slice(&bytes, GuestAddress(addr as u64 % MEM_SIZE as u64));
+                let _ = self
+                    .mem
+                    .write_slice(&bytes, GuestAddress(addr as u64 % MEM_SIZE as u64));
             }
             Op::BringUp {
                 ring,
@@ -266,12 +327,86 @@ pub fn run_pci(data: &[u8]) {
             }
             Op::ConfigChanged => t.core_mut().config_changed(),
         }
-        check(t.core());
     }
+
+    fn window(&mut self, w: WindowOp) {
+        let WindowOp {
+            bar,
+            offset,
+            length,
+            align,
+            write,
+            value,
+            width,
+            at,
+        } = w;
+        let cap = self.cfg_cap;
+        let bar = bar.unwrap_or(0);
+        let length = match length {
+            240.. => length as u32,
+            l => [1, 2, 4][l as usize % 3],
+        };
+        let mut offset = if offset >> 31 == 1 {
+            offset
+        } else {
+            offset % 0x1_0000
+        };
+        if align && length.is_power_of_two() {
+            offset &= !(length - 1);
+        }
+        let t = &mut self.t;
+        t.config_write(cap + 4, &[bar]);
+        t.config_write(cap + 8, &offset.to_le_bytes());
+        t.config_write(cap + 12, &length.to_le_bytes());
+        // The model of virtio 1.2 §4.1.4.9 the transport must follow.
+        let acts = bar == 0
+            && matches!(length, 1 | 2 | 4)
+            && offset % length == 0
+            && offset as u64 + length as u64 <= 0x8000;
+        let n = [1u16, 2, 4][width as usize % 3];
+        let data = cap + 16 + ((at as u16 % 4) & !(n - 1));
+        let before = (t.metrics(), t.core().status(), self.sink.sent().len());
+        let mut buf = [0u8; 4];
+        if write {
+            t.config_write(data, &value.to_le_bytes()[..n as usize]);
+        } else {
+            t.config_read(data, &mut buf[..n as usize]);
+        }
+        if !acts {
+            let mut m = before.0;
+            m.bad_register_accesses += 1;
+            assert_eq!(t.metrics(), m, "a window that must not act did");
+            assert_eq!(t.core().status(), before.1);
+            assert_eq!(self.sink.sent().len(), before.2);
+        }
+    }
+}
+
+/// Run one input against virtio-pci.
+pub fn run_pci(data: &[u8]) {
+    run_pci_rig(data);
+}
+
+fn run_pci_rig(data: &[u8]) -> Option<PciRig> {
+    let ops = Unstructured::new(data).arbitrary::<Vec<PciOp>>().ok()?;
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).ok()?;
+    let mut rig = PciRig::new(mem)?;
+    for op in ops {
+        match op {
+            PciOp::Common(op) => rig.op(op),
+            PciOp::Window(w) => rig.window(w),
+        }
+        check(rig.t.core());
+    }
+    Some(rig)
 }
 
 #[cfg(test)]
 mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::{Op, PciOp, PciRig, WindowOp};
+
     #[test]
     fn replay_corpus() {
         for (target, run) in [
@@ -283,6 +418,260 @@ mod tests {
             for s in seeds {
                 run(&s);
             }
+        }
+    }
+
+    /// The bytes `arbitrary` 1.x decodes into `ops` (little-endian integers, `u8 & 1` bools,
+    /// `Option` as a bool then the value, enum variant `i` of `n` from a `u32` `v` with
+    /// `v * n >> 32 == i`, a `Vec` as a continue-byte before each element).
+    fn encode(ops: &[PciOp]) -> Vec<u8> {
+        fn variant(out: &mut Vec<u8>, i: u64, n: u64) {
+            out.extend_from_slice(&((((i << 32).div_ceil(n)) as u32).to_le_bytes()));
+        }
+        let mut out = Vec::new();
+        for op in ops {
+            out.push(1);
+            match op {
+                PciOp::Common(op) => {
+                    variant(&mut out, 0, 2);
+                    match *op {
+                        Op::Reg {
+                            offset,
+                            write,
+                            value,
+                            len,
+                        } => {
+                            variant(&mut out, 0, 6);
+                            out.extend_from_slice(&offset.to_le_bytes());
+                            out.push(write as u8);
+                            out.extend_from_slice(&value.to_le_bytes());
+                            out.push(len);
+                        }
+                        Op::Config {
+                            offset,
+                            write,
+                            value,
+                            len,
+                        } => {
+                            variant(&mut out, 1, 6);
+                            out.push(offset);
+                            out.push(write as u8);
+                            out.extend_from_slice(&value.to_le_bytes());
+                            out.push(len);
+                        }
+                        Op::Mem { addr, bytes } => {
+                            variant(&mut out, 2, 6);
+                            out.extend_from_slice(&addr.to_le_bytes());
+                            out.extend_from_slice(&bytes);
+                        }
+                        Op::BringUp {
+                            ring,
+                            size_log2,
+                            event_idx,
+                        } => {
+                            variant(&mut out, 3, 6);
+                            out.extend_from_slice(&ring.to_le_bytes());
+                            out.push(size_log2);
+                            out.push(event_idx as u8);
+                        }
+                        Op::Kick { queue } => {
+                            variant(&mut out, 4, 6);
+                            out.extend_from_slice(&queue.to_le_bytes());
+                        }
+                        Op::ConfigChanged => variant(&mut out, 5, 6),
+                    }
+                }
+                &PciOp::Window(WindowOp {
+                    bar,
+                    offset,
+                    length,
+                    align,
+                    write,
+                    value,
+                    width,
+                    at,
+                }) => {
+                    variant(&mut out, 1, 2);
+                    match bar {
+                        None => out.push(0),
+                        Some(b) => out.extend_from_slice(&[1, b]),
+                    }
+                    out.extend_from_slice(&offset.to_le_bytes());
+                    out.extend_from_slice(&[length, align as u8, write as u8]);
+                    out.extend_from_slice(&value.to_le_bytes());
+                    out.extend_from_slice(&[width, at]);
+                }
+            }
+        }
+        out.push(0);
+        out
+    }
+
+    /// A 4-byte `pci_cfg_data` access through a window onto BAR 0 of `length` 1, 2 or 4.
+    fn win(offset: u32, length: u32, write: bool, value: u32) -> PciOp {
+        let length = match length {
+            1 => 0,
+            2 => 1,
+            _ => 2,
+        };
+        PciOp::Window(WindowOp {
+            bar: None,
+            offset,
+            length,
+            align: false,
+            write,
+            value,
+            width: 2, // 4-byte pci_cfg_data access
+            at: 0,
+        })
+    }
+
+    /// The `pci_window_*` seeds of `corpus/virtio_pci/`: regenerate with
+    /// `cargo test -p vmkit-fuzz-common -- --ignored write_pci_window_seeds`.
+    fn pci_window_seeds() -> Vec<(&'static str, Vec<PciOp>)> {
+        let msix_ctrl = {
+            let mem = vm_memory::GuestMemoryMmap::from_ranges(&[(
+                vm_memory::GuestAddress(0),
+                super::MEM_SIZE,
+            )])
+            .unwrap();
+            let rig = PciRig::new(mem).unwrap();
+            let caps = vmkit_devices::pci::PciFunction::config_space(&rig.t).capabilities();
+            caps.iter().find(|c| c.0 == 0x11).unwrap().1 as u8 + 2
+        };
+        let mem = |addr, bytes| PciOp::Common(Op::Mem { addr, bytes });
+        // Queue 0 of 16 at 0x1000 (avail 0x1100), one 16-byte writable buffer at 0x8000.
+        let ring = || {
+            vec![
+                PciOp::Common(Op::BringUp {
+                    ring: 0x1000,
+                    size_log2: 4,
+                    event_idx: false,
+                }),
+                mem(0x1000, [0, 0x80, 0, 0, 0, 0, 0, 0]),
+                mem(0x1008, [16, 0, 0, 0, 2, 0, 0, 0]),
+                mem(0x1100, [0, 0, 1, 0, 0, 0, 0, 0]),
+            ]
+        };
+        let mut kick = ring();
+        kick.extend([
+            // MSI-X on, vector 0 programmed and unmasked through the window, then the
+            // doorbell rung through it; ISR read through it.
+            PciOp::Common(Op::Config {
+                offset: msix_ctrl,
+                write: true,
+                value: 0x8000,
+                len: 1,
+            }),
+            win(0x4000, 4, true, 0xfee0_0000),
+            win(0x4008, 4, true, 0x41),
+            win(0x400c, 4, true, 0),
+            win(0x3000, 2, true, 0),
+            win(0x1000, 1, false, 0),
+            win(0x1000, 1, false, 0),
+        ]);
+        let reads = vec![
+            win(0x00, 4, true, 1),
+            win(0x04, 4, false, 0),
+            win(0x12, 2, false, 0),
+            win(0x14, 1, false, 0),
+            win(0x15, 1, false, 0),
+            win(0x16, 2, true, 0),
+            win(0x18, 2, false, 0),
+            win(0x4000, 4, false, 0),
+            win(0x6000, 4, false, 0),
+            win(0x2000, 4, false, 0),
+        ];
+        let bad = |bar, offset, length| {
+            PciOp::Window(WindowOp {
+                bar,
+                offset,
+                length,
+                align: false,
+                write: true,
+                value: 0,
+                width: 2,
+                at: 0,
+            })
+        };
+        let mut bad_windows = ring();
+        bad_windows.extend([
+            bad(None, 0x3000, 243),     // length 3
+            bad(None, 0x3000, 248),     // length 8
+            bad(None, 0x3002, 2),       // length 4, misaligned
+            bad(None, 0x15, 1),         // length 2, misaligned
+            bad(None, 0x8000, 0),       // at the BAR's end
+            bad(None, 0xffff_fffc, 2),  // offset + length overflows u32
+            bad(Some(1), 0x14, 0),      // upper half of BAR 0
+            bad(Some(0xff), 0x3000, 2), // reserved bar
+            bad(None, 0x7ffc, 2),       // acts: no register there
+        ]);
+        let partial = vec![
+            PciOp::Window(WindowOp {
+                bar: None,
+                offset: 0,
+                length: 2,
+                align: true,
+                write: true,
+                value: 0x01,
+                width: 0, // one byte
+                at: 1,
+            }),
+            PciOp::Window(WindowOp {
+                bar: None,
+                offset: 4,
+                length: 2,
+                align: true,
+                write: false,
+                value: 0,
+                width: 1, // a word
+                at: 2,
+            }),
+        ];
+        vec![
+            ("pci_window_kick", kick),
+            ("pci_window_reads", reads),
+            ("pci_window_bad", bad_windows),
+            ("pci_window_partial", partial),
+        ]
+    }
+
+    fn seed_dir() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../corpus/virtio_pci")
+    }
+
+    #[test]
+    fn pci_window_seeds_decode_and_run() {
+        for (name, ops) in pci_window_seeds() {
+            let bytes = encode(&ops);
+            let back = arbitrary::Unstructured::new(&bytes)
+                .arbitrary::<Vec<PciOp>>()
+                .unwrap();
+            assert_eq!(format!("{back:?}"), format!("{ops:?}"), "{name}");
+            let rig = super::run_pci_rig(&bytes).unwrap();
+            let (m, status) = (rig.t.metrics(), rig.t.core().status());
+            let used: u16 = rig.mem.read_obj(GuestAddress(0x1128 + 2)).unwrap();
+            match name {
+                "pci_window_kick" => {
+                    assert_eq!((status, used, m.trapped_notifies), (0xf, 1, 1));
+                    assert_eq!(rig.sink.vectors(), [0x41]);
+                }
+                // Eight windows that must not act, one onto bytes no register decodes.
+                "pci_window_bad" => {
+                    assert_eq!((status, used, m.bad_register_accesses), (0xf, 0, 9))
+                }
+                _ => assert_eq!(m.bad_register_accesses, 0, "{name}"),
+            }
+            let committed = std::fs::read(seed_dir().join(name)).ok();
+            assert_eq!(committed.as_deref(), Some(&bytes[..]), "{name}: regenerate");
+        }
+    }
+
+    #[test]
+    #[ignore = "writes corpus/virtio_pci/pci_window_*"]
+    fn write_pci_window_seeds() {
+        for (name, ops) in pci_window_seeds() {
+            std::fs::write(seed_dir().join(name), encode(&ops)).unwrap();
         }
     }
 }
