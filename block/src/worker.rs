@@ -32,6 +32,14 @@ pub enum EngineKind {
         /// Ring entries (most requests in flight per queue).
         depth: u32,
     },
+    /// io_uring when the kernel completes cached reads of the raw image inline
+    /// ([`crate::uring::completes_reads_inline`]), otherwise synchronous: on a file without
+    /// `RWF_NOWAIT` support (tmpfs on many kernels) io_uring hands every request to a kernel
+    /// worker thread, which is slower than running it in place.
+    Auto {
+        /// Ring entries when io_uring is chosen.
+        depth: u32,
+    },
 }
 
 /// What every queue of a device shares.
@@ -98,6 +106,9 @@ impl QueueWorker {
             (EngineKind::IoUring { depth }, Some(fd)) => {
                 Some(UringEngine::new(fd, depth).map_err(WorkerError::Uring)?)
             }
+            (EngineKind::Auto { depth }, Some(fd)) if crate::uring::completes_reads_inline(fd) => {
+                Some(UringEngine::new(fd, depth).map_err(WorkerError::Uring)?)
+            }
             _ => None,
         };
         Ok(Self {
@@ -107,6 +118,15 @@ impl QueueWorker {
             spare: Vec::with_capacity(8),
             done: Vec::new(),
         })
+    }
+
+    /// The engine this worker runs: [`EngineKind::Sync`] or [`EngineKind::IoUring`] (what
+    /// [`EngineKind::Auto`] chose, and `Sync` for images io_uring does not serve).
+    pub fn engine(&self) -> EngineKind {
+        match &self.uring {
+            Some(u) => EngineKind::IoUring { depth: u.depth() },
+            None => EngineKind::Sync,
+        }
     }
 
     /// The io_uring engine, when the worker uses one (its eventfd signals completions).
@@ -254,6 +274,7 @@ impl QueueWorker {
     }
 
     /// Keep a finished request's segment vector for the next parse.
+    #[inline]
     fn recycle(&mut self, req: crate::request::Request) {
         if let Some(v) = req.into_segments() {
             self.spare = v;

@@ -62,7 +62,68 @@ fn engines() -> Vec<(EngineKind, bool)> {
         (EngineKind::Sync, true),
         (EngineKind::IoUring { depth: 8 }, false),
         (EngineKind::IoUring { depth: 8 }, true),
+        (EngineKind::Auto { depth: 8 }, false),
     ]
+}
+
+#[test]
+fn auto_engine_uses_io_uring_only_where_reads_complete_inline() {
+    use vmkit_block::uring::completes_reads_inline;
+    let id = BlockConfig::default().id_bytes();
+    for tmpfs in [true, false] {
+        let dir = TempImages::new(tmpfs).unwrap();
+        let raw = dir.raw("a.raw", DISK).unwrap();
+        let inline = completes_reads_inline(raw.raw_fd().unwrap());
+        // Which filesystems support RWF_NOWAIT depends on the kernel; print it for the log.
+        println!("tmpfs={tmpfs}: reads complete inline: {inline}");
+        let auto = QueueWorker::new(EngineKind::Auto { depth: 8 }, &raw, id).unwrap();
+        let want = if inline {
+            EngineKind::IoUring { depth: 8 }
+        } else {
+            EngineKind::Sync
+        };
+        assert_eq!(auto.engine(), want, "tmpfs={tmpfs}");
+        assert_eq!(auto.uring().is_some(), inline);
+        for engine in [EngineKind::Sync, EngineKind::IoUring { depth: 8 }] {
+            let w = QueueWorker::new(engine, &raw, id).unwrap();
+            assert_eq!(w.engine(), engine);
+        }
+        // qcow2 images always run synchronously.
+        let p = dir.path("a.qcow2");
+        Qcow2Image::create(&p, DISK, None).unwrap();
+        let q = Qcow2Image::open(&p, false).unwrap();
+        for engine in [
+            EngineKind::Auto { depth: 8 },
+            EngineKind::IoUring { depth: 8 },
+        ] {
+            let w = QueueWorker::new(engine, &q, id).unwrap();
+            assert_eq!(w.engine(), EngineKind::Sync);
+        }
+    }
+}
+
+#[test]
+fn inline_probe_reads_only_and_fails_closed() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    use vmkit_block::uring::completes_reads_inline;
+    let dir = TempImages::new(false).unwrap();
+    let p = dir.path("probe");
+    std::fs::write(&p, [0x5a; 512]).unwrap();
+    let before = std::fs::metadata(&p).unwrap().modified().unwrap();
+    let f = std::fs::File::open(&p).unwrap();
+    // Read-only descriptors and empty files can be probed too.
+    let _ = completes_reads_inline(f.as_raw_fd());
+    let empty = std::fs::File::create(dir.path("empty")).unwrap();
+    let _ = completes_reads_inline(empty.as_raw_fd());
+    let mut back = [0u8; 512];
+    f.read_exact_at(&mut back, 0).unwrap();
+    assert_eq!(back, [0x5a; 512]);
+    assert_eq!(std::fs::metadata(&p).unwrap().modified().unwrap(), before);
+    // Not a readable file: no.
+    assert!(!completes_reads_inline(-1));
+    let wo = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    assert!(!completes_reads_inline(wo.as_raw_fd()));
 }
 
 #[test]
