@@ -3,8 +3,11 @@
 //! out of the same guest buffers the requests name), sync and io_uring engines, raw and qcow2.
 //! A fifth variant, `virtio_queue_floor`, does only virtio-queue's part of each request (pop the
 //! chain, walk its descriptors, add it to the used ring): the least any device built on
-//! virtio-queue adds to the limit. After criterion's groups, an interleaved run prints the
-//! ratios (median batch times).
+//! virtio-queue adds to the limit. Three more variants repeat the limit, raw sync and raw
+//! io_uring on a page-cached file of the disk filesystem (under the temporary directory), where
+//! the kernel can complete io_uring reads inline; on tmpfs it hands them to io-wq threads
+//! (`uring::completes_reads_inline` tells which). After criterion's groups, an interleaved run
+//! prints the ratios (median batch times).
 
 use std::hint::black_box;
 use std::os::unix::fs::FileExt;
@@ -34,6 +37,19 @@ enum Variant {
     RawUring,
     Qcow2Sync,
     QueueFloor,
+    DiskLimit,
+    DiskRawSync,
+    DiskRawUring,
+}
+
+impl Variant {
+    /// On the disk filesystem rather than tmpfs.
+    fn on_disk(self) -> bool {
+        matches!(
+            self,
+            Self::DiskLimit | Self::DiskRawSync | Self::DiskRawUring
+        )
+    }
 }
 
 struct Rig {
@@ -48,7 +64,7 @@ struct Rig {
 
 impl Rig {
     fn new(v: Variant) -> Self {
-        let dir = TempImages::new(true).unwrap();
+        let dir = TempImages::new(!v.on_disk()).unwrap();
         let fill = vec![0x5au8; 1 << 20];
         let disk: Box<dyn DiskImage> = if v == Variant::Qcow2Sync {
             let p = dir.path("b.qcow2");
@@ -72,7 +88,7 @@ impl Rig {
             .or_else(|_| std::fs::File::open(dir.path("b.qcow2")))
             .unwrap();
         let engine = match v {
-            Variant::RawUring => EngineKind::IoUring { depth: 64 },
+            Variant::RawUring | Variant::DiskRawUring => EngineKind::IoUring { depth: 64 },
             _ => EngineKind::Sync,
         };
         let cfg = BlockConfig::default();
@@ -103,7 +119,7 @@ impl Rig {
 
     /// Time one batch of `BATCH` requests (driver-side placement is not timed).
     fn batch(&mut self, v: Variant, write: bool) -> Duration {
-        if v == Variant::Limit {
+        if matches!(v, Variant::Limit | Variant::DiskLimit) {
             // The buffers the device variants' requests use, allocated in the same order.
             self.h.reset_buffers();
             let mut ios = Vec::with_capacity(BATCH);
@@ -167,12 +183,15 @@ impl Rig {
     }
 }
 
-const VARIANTS: [(Variant, &str); 5] = [
+const VARIANTS: [(Variant, &str); 8] = [
     (Variant::Limit, "pread_pwrite_limit"),
     (Variant::RawSync, "device_raw_sync"),
     (Variant::RawUring, "device_raw_io_uring"),
     (Variant::Qcow2Sync, "device_qcow2_sync"),
     (Variant::QueueFloor, "virtio_queue_floor"),
+    (Variant::DiskLimit, "disk_fs_pread_pwrite_limit"),
+    (Variant::DiskRawSync, "disk_fs_device_raw_sync"),
+    (Variant::DiskRawUring, "disk_fs_device_raw_io_uring"),
 ];
 
 fn bench(c: &mut Criterion) {
@@ -225,6 +244,21 @@ fn ratios() {
             r[3],
             r[3] / r[1],
             limit_ns / (limit_ns + floor_ns),
+        );
+        println!(
+            "  page-cached file on the disk filesystem: limit {:.0} ns | raw sync {:.2}x limit | raw io_uring {:.2}x limit",
+            per_req(r[5]),
+            r[6] / r[5],
+            r[7] / r[5],
+        );
+    }
+    for tmpfs in [true, false] {
+        let dir = TempImages::new(tmpfs).unwrap();
+        let raw = dir.raw("probe.raw", 4096).unwrap();
+        println!(
+            "reads complete inline in io_uring ({}): {}",
+            if tmpfs { "tmpfs" } else { "disk filesystem" },
+            vmkit_block::uring::completes_reads_inline(raw.raw_fd().unwrap()),
         );
     }
 }
