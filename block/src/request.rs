@@ -200,6 +200,7 @@ pub struct Request {
 
 impl Request {
     /// Total bytes of the data segments (read/write/get-id payload).
+    #[inline]
     pub fn data_len(&self) -> u64 {
         match &self.kind {
             RequestKind::In { data, .. }
@@ -213,6 +214,7 @@ impl Request {
 impl Request {
     /// The request's data segments vector (emptied), to hand to [`parse_reusing`] for the
     /// next request; `None` for requests without data segments.
+    #[inline]
     pub fn into_segments(self) -> Option<Vec<DataSegment>> {
         match self.kind {
             RequestKind::In { mut data, .. }
