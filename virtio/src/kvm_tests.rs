@@ -1,5 +1,6 @@
 //! Tests against the real /dev/kvm with tiny guests (names start with `kvm_`): a guest
-//! enumerates the PCI bus and finds virtio-rng, and a guest drives virtio-rng over virtio-pci
+//! enumerates the PCI bus and finds virtio-rng, a guest reaches its BAR 0 only through the PCI
+//! configuration access capability, and a guest drives virtio-rng over virtio-pci
 //! with an MSI-X interrupt (doorbell through ioeventfd, interrupt through irqfd).
 
 use std::io::Write;
@@ -176,6 +177,130 @@ fn kvm_pci_enumeration() {
     assert_eq!(r, RunOutcome::Stopped(0), "{text}");
     // 32 KiB 64-bit memory BAR: low dword 0xffff8000 | type 0b100, high dword all ones.
     assert_eq!(text, "03 10441af4 ffff8004 ffffffff\n");
+}
+
+/// Point 0xCF8 at register `r13d + reg` of the device number in `esi`.
+fn cfg_select_at(a: &mut CodeAssembler, reg: u32) -> Result<(), IcedError> {
+    a.mov(eax, esi)?;
+    a.shl(eax, 11)?;
+    a.or(eax, 0x8000_0000u32)?;
+    a.add(eax, r13d)?;
+    a.add(eax, reg)?;
+    a.mov(dx, 0xcf8u32)?;
+    a.out(dx, eax)?;
+    a.mov(dx, 0xcfcu32)
+}
+
+/// A guest reaches virtio-rng's BAR 0 only through the `VIRTIO_PCI_CAP_PCI_CFG` window
+/// (virtio 1.2 §4.1.4.9) over 0xCF8/0xCFC, BAR 0 never programmed: it walks the capability
+/// list to the capability (cfg_type 5), reads `num_queues` (cap.length 2, cap.offset 0x12),
+/// writes ACKNOWLEDGE to `device_status` with a byte store to `pci_cfg_data` (cap.length 1,
+/// cap.offset 0x14) and reads it back, printing `cap num_queues status`.
+#[test]
+fn kvm_pci_cfg_window_without_a_bar() {
+    let mut g = TinyGuest::new(|a| {
+        let mut hex = a.create_label();
+        let mut walk = a.create_label();
+        let mut found = a.create_label();
+        let mut start = a.create_label();
+        a.jmp(start)?;
+        hex_routine(a, &mut hex)?;
+        a.set_label(&mut start)?;
+        a.mov(esi, 3u32)?; // device 3
+        a.xor(r13d, r13d)?;
+        cfg_select_at(a, 0x34)?;
+        a.in_(al, dx)?;
+        a.movzx(r13d, al)?;
+        a.set_label(&mut walk)?;
+        cfg_select_at(a, 0)?;
+        a.in_(eax, dx)?;
+        a.mov(ebx, eax)?;
+        a.and(ebx, 0xff00_00ffu32)?;
+        a.cmp(ebx, 0x0500_0009u32)?; // cap_vndr 0x09, cfg_type VIRTIO_PCI_CAP_PCI_CFG
+        a.je(found)?;
+        a.shr(eax, 8)?;
+        a.movzx(r13d, al)?;
+        a.jmp(walk)?;
+        a.set_label(&mut found)?;
+        a.mov(r8d, r13d)?;
+        a.mov(r9d, 2u32)?;
+        a.call(hex)?;
+        // cap.bar is 0 already; cap.length = 2, cap.offset = num_queues.
+        for (reg, v) in [(12, 2u32), (8, 0x12)] {
+            cfg_select_at(a, reg)?;
+            a.mov(eax, v)?;
+            a.out(dx, eax)?;
+        }
+        cfg_select_at(a, 16)?;
+        a.in_(eax, dx)?;
+        a.mov(r8d, eax)?;
+        puts(a, " ")?;
+        a.mov(r9d, 4u32)?;
+        a.call(hex)?;
+        // cap.length = 1, cap.offset = device_status; store ACKNOWLEDGE, read it back.
+        for (reg, v) in [(12, 1u32), (8, 0x14)] {
+            cfg_select_at(a, reg)?;
+            a.mov(eax, v)?;
+            a.out(dx, eax)?;
+        }
+        cfg_select_at(a, 16)?;
+        a.mov(al, 1u32)?;
+        a.out(dx, al)?;
+        a.in_(al, dx)?;
+        a.movzx(r8d, al)?;
+        puts(a, " ")?;
+        a.mov(r9d, 2u32)?;
+        a.call(hex)?;
+        puts(a, "\n")?;
+        a.mov(al, 0u32)?;
+        a.out(DEBUG_EXIT as i32, al)
+    })
+    .unwrap();
+    let buses = Arc::new(IoBuses::default());
+    let root = PciRoot::new(&buses);
+    let f = Arc::new(Mutex::new(rng_function(
+        g.mem.clone(),
+        Arc::new(RecordingMsiSink::default()),
+    )));
+    root.add(3, 0, "virtio-rng", f.clone()).unwrap();
+    let out = Out::default();
+    let stop = StopHandle::new();
+    buses.pio.insert(0xcf8, 8, "pci", root.config_io()).unwrap();
+    buses
+        .pio
+        .insert(
+            SERIAL as u64,
+            8,
+            "com1",
+            Arc::new(Serial::new(Arc::new(NoInterrupt), out.clone())),
+        )
+        .unwrap();
+    buses
+        .pio
+        .insert(
+            DEBUG_EXIT as u64,
+            1,
+            "exit",
+            Arc::new(DebugExit::new(stop.clone())),
+        )
+        .unwrap();
+    let mut stats = ExitStats::default();
+    let r = vmkit_vcpu::run_until_exit(&mut g.vcpu, &*buses, &stop, &mut stats).unwrap();
+    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(r, RunOutcome::Stopped(0), "{text}");
+    let f = f.lock().unwrap();
+    let cap = f
+        .config_space()
+        .capabilities()
+        .iter()
+        .filter(|c| c.0 == cap_id::VENDOR_SPECIFIC)
+        .map(|c| c.1)
+        .nth(4)
+        .unwrap();
+    assert_eq!(text, format!("{cap:02x} 0001 01\n"));
+    assert_eq!(f.core().status(), crate::spec::STATUS_ACKNOWLEDGE);
+    assert!(root.mapped_bars(3, 0).is_empty());
+    assert_eq!(f.metrics().bad_register_accesses, 0);
 }
 
 /// A VM with the split irqchip (in-kernel LAPIC, enabled before the vCPU exists), `main` at
