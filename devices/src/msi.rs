@@ -1,5 +1,6 @@
-//! Message-signalled interrupts: the address/data message format (Intel SDM Vol. 3, §11.11) and
-//! the [`MsiSink`] every interrupt producer (IOAPIC, MSI-X) delivers through.
+//! Message-signalled interrupts: the address/data message format (Intel SDM Vol. 3, §11.11),
+//! the [`MsiSink`] every interrupt producer (IOAPIC, MSI-X) delivers through, and
+//! [`IrqfdControl`], with which MSI-X detaches the irqfds of masked vectors.
 //!
 //! ```
 //! use vmkit_devices::msi::{DeliveryMode, MsiFields, MsiMessage};

@@ -28,6 +28,29 @@
 //! use vmkit_devices::InterruptSource;
 //! use vmkit_devices::msi::RecordingMsiSink;
 //! use vmkit_devices::pci::{Msix, MsixConfig};
+//! use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+//!
+//! let sink = Arc::new(RecordingMsiSink::default()); // records irqfd attach/detach
+//! let msix = Msix::new(MsixConfig::in_bar(0, 1, 0), sink.clone()).unwrap();
+//! let fd = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+//! msix.attach_irqfd(0, 24, fd.clone()).unwrap();
+//! msix.set_control(1 << 15);
+//! let v0 = msix.vector(0);
+//! v0.notifier().unwrap().write(1).unwrap(); // a backend signals while the vector is masked
+//! assert!(!sink.irqfd_registered(24, &fd)); // detached: KVM would inject nothing
+//! let mut pba = [0u8; 8];
+//! msix.bar_read(0, 16, &mut pba); // the guest reads the PBA: the count became the pending bit
+//! assert_eq!(pba[0], 1);
+//! msix.bar_write(0, 12, &0u32.to_le_bytes()); // unmask
+//! assert!(sink.irqfd_registered(24, &fd));
+//! assert_eq!(fd.read().unwrap(), 1); // attached again, the pending message written once
+//! ```
+//!
+//! ```
+//! use std::sync::Arc;
+//! use vmkit_devices::InterruptSource;
+//! use vmkit_devices::msi::RecordingMsiSink;
+//! use vmkit_devices::pci::{Msix, MsixConfig};
 //!
 //! let sink = Arc::new(RecordingMsiSink::default());
 //! let msix = Msix::new(MsixConfig::in_bar(1, 2, 0), sink.clone()).unwrap();
