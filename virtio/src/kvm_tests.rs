@@ -46,6 +46,31 @@ impl Write for Out {
 }
 
 /// Print a literal through the serial port.
+/// Run `vcpu` until the guest writes the debug-exit port, with a 16550 at [`SERIAL`] whose
+/// output goes to `out`; the run's outcome and the output as text.
+fn run_logged(vcpu: &mut KvmVcpu, buses: &IoBuses, out: &Out) -> (RunOutcome, String) {
+    let serial = Serial::new(Arc::new(NoInterrupt), out.clone());
+    buses
+        .pio
+        .insert(SERIAL as u64, 8, "com1", Arc::new(serial))
+        .unwrap();
+    let stop = stop_on_debug_exit(buses);
+    let mut stats = ExitStats::default();
+    let r = vmkit_vcpu::run_until_exit(vcpu, buses, &stop, &mut stats).unwrap();
+    (r, String::from_utf8(out.0.lock().unwrap().clone()).unwrap())
+}
+
+/// Put the debug-exit device on its port; the handle it stops.
+fn stop_on_debug_exit(buses: &IoBuses) -> StopHandle {
+    let stop = StopHandle::new();
+    let exit = Arc::new(DebugExit::new(stop.clone()));
+    buses
+        .pio
+        .insert(DEBUG_EXIT as u64, 1, "exit", exit)
+        .unwrap();
+    stop
+}
+
 fn puts(a: &mut CodeAssembler, s: &str) -> Result<(), IcedError> {
     a.mov(dx, SERIAL as u32)?;
     for c in s.bytes() {
@@ -150,30 +175,9 @@ fn kvm_pci_enumeration() {
     let f = rng_function(g.mem.clone(), Arc::new(RecordingMsiSink::default()));
     root.add(3, 0, "virtio-rng", Arc::new(Mutex::new(f)))
         .unwrap();
-    let out = Out::default();
-    let stop = StopHandle::new();
     buses.pio.insert(0xcf8, 8, "pci", root.config_io()).unwrap();
-    buses
-        .pio
-        .insert(
-            SERIAL as u64,
-            8,
-            "com1",
-            Arc::new(Serial::new(Arc::new(NoInterrupt), out.clone())),
-        )
-        .unwrap();
-    buses
-        .pio
-        .insert(
-            DEBUG_EXIT as u64,
-            1,
-            "exit",
-            Arc::new(DebugExit::new(stop.clone())),
-        )
-        .unwrap();
-    let mut stats = ExitStats::default();
-    let r = vmkit_vcpu::run_until_exit(&mut g.vcpu, &*buses, &stop, &mut stats).unwrap();
-    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    let out = Out::default();
+    let (r, text) = run_logged(&mut g.vcpu, &buses, &out);
     assert_eq!(r, RunOutcome::Stopped(0), "{text}");
     // 32 KiB 64-bit memory BAR: low dword 0xffff8000 | type 0b100, high dword all ones.
     assert_eq!(text, "03 10441af4 ffff8004 ffffffff\n");
@@ -263,30 +267,9 @@ fn kvm_pci_cfg_window_without_a_bar() {
         Arc::new(RecordingMsiSink::default()),
     )));
     root.add(3, 0, "virtio-rng", f.clone()).unwrap();
-    let out = Out::default();
-    let stop = StopHandle::new();
     buses.pio.insert(0xcf8, 8, "pci", root.config_io()).unwrap();
-    buses
-        .pio
-        .insert(
-            SERIAL as u64,
-            8,
-            "com1",
-            Arc::new(Serial::new(Arc::new(NoInterrupt), out.clone())),
-        )
-        .unwrap();
-    buses
-        .pio
-        .insert(
-            DEBUG_EXIT as u64,
-            1,
-            "exit",
-            Arc::new(DebugExit::new(stop.clone())),
-        )
-        .unwrap();
-    let mut stats = ExitStats::default();
-    let r = vmkit_vcpu::run_until_exit(&mut g.vcpu, &*buses, &stop, &mut stats).unwrap();
-    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    let out = Out::default();
+    let (r, text) = run_logged(&mut g.vcpu, &buses, &out);
     assert_eq!(r, RunOutcome::Stopped(0), "{text}");
     let f = f.lock().unwrap();
     let cap = f
@@ -452,17 +435,8 @@ fn msix_rng_guest(relocate_to: Option<u64>) {
     let buses = Arc::new(IoBuses::default());
     let root = PciRoot::new(&buses);
     root.add(DEV as u8, 0, "virtio-rng", f.clone()).unwrap();
-    let stop = StopHandle::new();
     buses.pio.insert(0xcf8, 8, "pci", root.config_io()).unwrap();
-    buses
-        .pio
-        .insert(
-            DEBUG_EXIT as u64,
-            1,
-            "exit",
-            Arc::new(DebugExit::new(stop.clone())),
-        )
-        .unwrap();
+    let stop = stop_on_debug_exit(&buses);
     // The guest will put BAR 0 at BAR: register the doorbell ioeventfd there.
     let doorbells = f.lock().unwrap().notify_addresses(BAR);
     let fds = register_ioeventfds(vm.fd(), &doorbells).unwrap();
@@ -549,7 +523,7 @@ fn kvm_mmio_trapped_notify() {
         irq.clone(),
     )));
     let buses = Arc::new(IoBuses::default());
-    let stop = StopHandle::new();
+    let stop = stop_on_debug_exit(&buses);
     let log = Out::default();
     buses
         .mmio
@@ -562,15 +536,6 @@ fn kvm_mmio_trapped_notify() {
             1,
             "report",
             Arc::new(Serial::new(Arc::new(NoInterrupt), log.clone())),
-        )
-        .unwrap();
-    buses
-        .pio
-        .insert(
-            DEBUG_EXIT as u64,
-            1,
-            "exit",
-            Arc::new(DebugExit::new(stop.clone())),
         )
         .unwrap();
     let mut stats = ExitStats::default();
