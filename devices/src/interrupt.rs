@@ -3,9 +3,14 @@
 //! A KVM-backed source exposes its [`EventFd`] through [`InterruptSource::notifier`] so it can be
 //! registered as an irqfd (the interrupt then reaches the guest without a userspace ioctl); tests
 //! use [`RecordingInterrupt`].
+//!
+//! A level-triggered line (PCI INTx#, an I/O APIC input) is an [`IrqLine`]: the device holds it
+//! asserted while it has an interrupt pending and deasserts it when the driver acknowledges.
+//! [`IoapicLine`](crate::ioapic::IoapicLine) drives a userspace I/O APIC pin; tests use
+//! [`RecordingIrqLine`].
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -79,9 +84,90 @@ impl InterruptSource for EventFdInterrupt {
     }
 }
 
+/// A level-triggered interrupt line a device drives (PCI 3.0 §2.2.6 INTx#, an I/O APIC pin).
+///
+/// ```
+/// use vmkit_devices::interrupt::{IrqLine, RecordingIrqLine};
+///
+/// let line = RecordingIrqLine::default();
+/// line.set_level(true);
+/// line.set_level(true); // already high: no new edge
+/// line.set_level(false);
+/// assert_eq!((line.level(), line.asserts(), line.deasserts(), line.calls()), (false, 1, 1, 3));
+/// ```
+pub trait IrqLine: Send + Sync {
+    /// Assert (`true`) or deassert the line. Setting the level it already has is allowed and
+    /// changes nothing.
+    fn set_level(&self, asserted: bool);
+}
+
+/// Records a line's level and its transitions; for tests.
+#[derive(Debug, Default)]
+pub struct RecordingIrqLine {
+    level: AtomicBool,
+    asserts: AtomicU64,
+    deasserts: AtomicU64,
+    calls: AtomicU64,
+}
+
+impl RecordingIrqLine {
+    /// Whether the line is asserted now.
+    pub fn level(&self) -> bool {
+        self.level.load(Ordering::Acquire)
+    }
+
+    /// Rising edges (low to high) so far.
+    pub fn asserts(&self) -> u64 {
+        self.asserts.load(Ordering::Acquire)
+    }
+
+    /// Falling edges (high to low) so far.
+    pub fn deasserts(&self) -> u64 {
+        self.deasserts.load(Ordering::Acquire)
+    }
+
+    /// [`IrqLine::set_level`] calls so far, including ones that kept the level.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Acquire)
+    }
+}
+
+impl IrqLine for RecordingIrqLine {
+    fn set_level(&self, asserted: bool) {
+        self.calls.fetch_add(1, Ordering::AcqRel);
+        let was = self.level.swap(asserted, Ordering::AcqRel);
+        match (was, asserted) {
+            (false, true) => self.asserts.fetch_add(1, Ordering::AcqRel),
+            (true, false) => self.deasserts.fetch_add(1, Ordering::AcqRel),
+            _ => 0,
+        };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recording_irq_line_counts_edges_not_calls() {
+        let l = RecordingIrqLine::default();
+        assert!(!l.level());
+        l.set_level(false); // already low
+        assert_eq!((l.asserts(), l.deasserts(), l.calls()), (0, 0, 1));
+        for _ in 0..2 {
+            l.set_level(true);
+            l.set_level(true);
+            assert!(l.level());
+            l.set_level(false);
+        }
+        assert_eq!(
+            (l.level(), l.asserts(), l.deasserts(), l.calls()),
+            (false, 2, 2, 7)
+        );
+        let dynamic: &dyn IrqLine = &l;
+        dynamic.set_level(true);
+        assert!(l.level());
+    }
 
     #[test]
     fn recording_and_eventfd_sources() {

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::MutBusDevice;
-use crate::interrupt::InterruptSource;
+use crate::interrupt::{InterruptSource, IrqLine};
 use crate::msi::{DeliveryMode, MsiFields, MsiMessage, MsiSink};
 
 /// Number of input pins (and redirection entries).
@@ -363,9 +363,9 @@ impl MutBusDevice for Ioapic {
 
 /// One I/O APIC input line as a device's interrupt handle.
 ///
-/// [`IoapicLine::set_level`] drives the line (level-triggered devices); [`InterruptSource::trigger`]
-/// pulses it (assert then deassert), which is one edge on an edge pin and one delivery on a level
-/// pin.
+/// [`IoapicLine::set_level`] drives the line (level-triggered devices; also through the
+/// [`IrqLine`] trait, e.g. as a PCI function's INTx#); [`InterruptSource::trigger`] pulses it
+/// (assert then deassert), which is one edge on an edge pin and one delivery on a level pin.
 #[derive(Clone)]
 pub struct IoapicLine {
     ioapic: Arc<Mutex<Ioapic>>,
@@ -396,6 +396,13 @@ impl InterruptSource for IoapicLine {
         io.set_irq(self.pin, true);
         io.set_irq(self.pin, false);
         Ok(())
+    }
+}
+
+/// The pin as a level-triggered line (what a PCI function's INTx# is wired to).
+impl IrqLine for IoapicLine {
+    fn set_level(&self, asserted: bool) {
+        IoapicLine::set_level(self, asserted)
     }
 }
 

@@ -5,7 +5,8 @@
 //! * [`bus`] — PIO and MMIO buses that dispatch guest accesses by address range to
 //!   [`BusDevice`]s; [`IoBuses`] plugs both into the vCPU run loop
 //!   ([`vmkit_vcpu::IoHandler`]). Unclaimed accesses are counted and read as all-ones.
-//! * [`interrupt`] — the [`InterruptSource`] handle a device receives instead of the VM.
+//! * [`interrupt`] — the [`InterruptSource`] handle a device receives instead of the VM, and
+//!   the level-triggered [`IrqLine`] (PCI INTx#, an I/O APIC pin).
 //! * [`ioapic`] — a userspace I/O APIC (24 pins, edge/level, remote IRR, EOI) for KVM's split
 //!   irqchip, delivering MSI messages.
 //! * [`kvm_irq`] — split irqchip setup, the GSI routing table, `KVM_SIGNAL_MSI` and irqfds.
@@ -53,4 +54,4 @@ pub mod pci;
 pub mod serial;
 
 pub use bus::{Bus, BusDevice, BusError, BusStats, IoBuses, MutBusDevice};
-pub use interrupt::InterruptSource;
+pub use interrupt::{InterruptSource, IrqLine};

@@ -221,3 +221,25 @@ fn bad_input_table() {
     assert!(sink.sent().is_empty());
     assert_eq!(io.stats().bad_entries, 1);
 }
+
+/// A level pin driven through the `IrqLine` trait (a PCI function's INTx#): one delivery per
+/// assertion while in service, redelivery after EOI while still high, none once deasserted.
+#[test]
+fn irq_line_trait_drives_a_level_pin() {
+    let (sink, mut io) = setup();
+    program(&mut io, 11, 0x31 | LEVEL, 0);
+    let shared = Arc::new(Mutex::new(io));
+    let line: Arc<dyn IrqLine> = Arc::new(IoapicLine::new(shared.clone(), 11).unwrap());
+    line.set_level(true);
+    line.set_level(true); // remote IRR set: nothing
+    assert_eq!(sink.vectors(), [0x31]);
+    shared.lock().unwrap().end_of_interrupt(0x31); // still high: again
+    assert_eq!(sink.vectors(), [0x31, 0x31]);
+    line.set_level(false);
+    shared.lock().unwrap().end_of_interrupt(0x31); // low: nothing
+    assert_eq!(sink.vectors(), [0x31, 0x31]);
+    assert_eq!(shared.lock().unwrap().state().lines & (1 << 11), 0);
+    line.set_level(true);
+    assert_eq!(sink.vectors(), [0x31; 3]);
+    assert_eq!(shared.lock().unwrap().stats().bad_accesses, 0);
+}
