@@ -32,6 +32,7 @@
 mod areas;
 pub mod checks;
 pub mod controls;
+pub mod delivery;
 pub mod exit_reason;
 mod field;
 pub mod interruption;
