@@ -19,6 +19,7 @@
 
 mod core;
 pub mod device;
+mod intx;
 pub mod memory;
 pub mod mmio;
 pub mod notify;

@@ -32,19 +32,39 @@
 //! driver assigned (an irqfd when the [`Msix`] has one attached, `KVM_SIGNAL_MSI` otherwise);
 //! doorbells arrive as trapped BAR writes or through ioeventfds on
 //! [`VirtioPciTransport::notify_addresses`].
+//!
+//! ## INTx (legacy interrupt line)
+//!
+//! With a line wired ([`VirtioPciTransport::with_intx`], e.g. an I/O APIC pin through
+//! [`IoapicLine`](vmkit_devices::ioapic::IoapicLine)) the function reports INTA# in the
+//! Interrupt Pin register (0x3d; 0 without a line) and, while MSI-X is disabled, notifies
+//! through it (virtio 1.2 §4.1.5.3, §4.1.5.4): a used-buffer notification sets ISR bit 0
+//! (`VIRTIO_PCI_ISR_QUEUE`), a configuration change bit 1 (`VIRTIO_PCI_ISR_CONFIG`), and the
+//! line is asserted. A driver read of the ISR byte returns the bits, clears them and
+//! deasserts the line (§4.1.4.5); a device reset deasserts it. PCI 3.0 rules: the Interrupt
+//! Line register (0x3c) is a scratch byte for the driver; the command register's Interrupt
+//! Disable bit (bit 10) holds the line low while set, the status register's Interrupt Status
+//! bit (bit 3) still showing the pending interrupt, and clearing it raises the line again if
+//! the interrupt is still pending; enabling MSI-X ends INTx use and drops the line (§6.8.3.3).
+//! With MSI-X enabled a notification goes to its vector only (none for
+//! `VIRTIO_MSI_NO_VECTOR`); the ISR bit is set in every mode, as QEMU does. Only a 1-byte
+//! read of the ISR byte is an ISR access: other widths or offsets in the ISR structure read 0,
+//! clear nothing and count in [`TransportMetrics::bad_register_accesses`], as do writes.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 
 use vm_memory::{GuestMemory, GuestMemoryMmap};
-use vmkit_devices::InterruptSource;
 use vmkit_devices::pci::{
     BarKind, ConfigSpace, Msix, MsixConfig, MsixVector, PciError, PciFunction, PciHeader, cap_id,
+    command, reg, status,
 };
+use vmkit_devices::{InterruptSource, IrqLine};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::core::{Ring, TransportCore, TransportMetrics};
 use crate::device::{InterruptCause, VirtioDevice, VirtioInterrupt};
+use crate::intx::Intx;
 use crate::spec::*;
 
 /// The BAR holding all virtio structures and the MSI-X table.
@@ -212,11 +232,13 @@ impl Vectors {
     }
 }
 
-/// The virtio-pci interrupt: sets the ISR bit and signals the assigned MSI-X vector.
+/// The virtio-pci interrupt: sets the ISR bit and asserts INTx (MSI-X disabled, a line wired)
+/// or signals the assigned MSI-X vector.
 struct PciInterrupt {
-    isr: Arc<AtomicU8>,
+    intx: Arc<Intx>,
     vectors: Arc<Vectors>,
     msix: Vec<MsixVector>,
+    msix_state: Msix,
 }
 
 impl PciInterrupt {
@@ -238,14 +260,21 @@ impl VirtioInterrupt for PciInterrupt {
             InterruptCause::Queue(_) => VIRTIO_PCI_ISR_QUEUE,
             InterruptCause::Config => VIRTIO_PCI_ISR_CONFIG,
         };
-        self.isr.fetch_or(bit, Ordering::AcqRel);
+        if self.intx.notify(bit, || self.msix_state.enabled()) {
+            return Ok(());
+        }
         match self.msix.get(self.vector(cause) as usize) {
             Some(v) => v.trigger(),
-            // No vector (or INTx, which this transport does not wire): the ISR bit stays set.
+            // No vector (or no line with MSI-X disabled): the ISR bit stays set.
             None => Ok(()),
         }
     }
+    /// The vector's irqfd; none while notifications go out as INTx (the device must then call
+    /// [`VirtioInterrupt::signal`]), so ask again for each notification.
     fn notifier(&self, cause: InterruptCause) -> Option<&EventFd> {
+        if self.intx.wired() && !self.msix_state.enabled() {
+            return None;
+        }
         self.msix.get(self.vector(cause) as usize)?.notifier()
     }
 }
@@ -269,7 +298,7 @@ pub struct VirtioPciTransport<D, M = GuestMemoryMmap> {
     core: TransportCore<D, M>,
     cfg: ConfigSpace,
     msix: Msix,
-    isr: Arc<AtomicU8>,
+    intx: Arc<Intx>,
     vectors: Arc<Vectors>,
     doorbells: Option<crate::notify::DoorbellBinding>,
     /// Where the `VIRTIO_PCI_CAP_PCI_CFG` capability is in configuration space.
@@ -352,21 +381,83 @@ where
                 .map(|_| AtomicU16::new(VIRTIO_MSI_NO_VECTOR))
                 .collect(),
         });
-        let isr = Arc::new(AtomicU8::new(0));
+        let intx = Arc::new(Intx::default());
         let interrupt = PciInterrupt {
-            isr: isr.clone(),
+            intx: intx.clone(),
             vectors: vectors.clone(),
             msix: (0..msix.config().vectors).map(|v| msix.vector(v)).collect(),
+            msix_state: msix.clone(),
         };
         Ok(Self {
             core: TransportCore::new(device, mem, Arc::new(interrupt)),
             cfg,
             msix,
-            isr,
+            intx,
             vectors,
             doorbells: None,
             pci_cfg_cap,
         })
+    }
+
+    /// Wire the function's INTA# to `line` (e.g. an
+    /// [`IoapicLine`](vmkit_devices::ioapic::IoapicLine)): the Interrupt Pin register reads 1
+    /// and notifications use the line while MSI-X is disabled (see the
+    /// [module docs](self#intx-legacy-interrupt-line)). Calling it again moves the interrupt to
+    /// the new line (the old one is released low).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use vmkit_devices::{interrupt::RecordingIrqLine, msi::RecordingMsiSink, pci::PciFunction};
+    /// use vmkit_virtio::{pci::VirtioPciTransport, rng::Rng};
+    ///
+    /// let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+    /// let msix = VirtioPciTransport::<Rng>::msix_for(&Rng::default(), Arc::new(RecordingMsiSink::default())).unwrap();
+    /// let line = Arc::new(RecordingIrqLine::default());
+    /// let mut f = VirtioPciTransport::new(Rng::default(), mem, msix).unwrap().with_intx(line.clone());
+    /// let mut pin = [0u8; 1];
+    /// f.config_read(0x3d, &mut pin);
+    /// assert_eq!(pin, [1]); // INTA#
+    /// f.core_mut().config_changed(); // MSI-X is disabled: ISR bit 1, line up
+    /// assert!(line.level());
+    /// let mut isr = [0u8; 1];
+    /// f.bar_read(0, vmkit_virtio::pci::ISR_CFG_OFFSET, &mut isr);
+    /// assert_eq!((isr, line.level()), ([2], false)); // read clears and deasserts
+    /// ```
+    pub fn with_intx(mut self, line: Arc<dyn IrqLine>) -> Self {
+        self.cfg.set_u8(reg::INTERRUPT_PIN, 1);
+        self.intx.wire(line, self.intx_disabled());
+        self.sync_intx();
+        self
+    }
+
+    /// Whether the command register's Interrupt Disable bit is set.
+    fn intx_disabled(&self) -> bool {
+        self.cfg.get_u16(reg::COMMAND) & command::INTX_DISABLE != 0
+    }
+
+    /// Tell the INTx state about the MSI-X enable and Interrupt Disable bits (after a
+    /// configuration write).
+    fn sync_intx(&self) {
+        if self.intx.wired() {
+            self.intx
+                .config_changed(self.msix.enabled(), self.intx_disabled());
+        }
+    }
+
+    /// Whether the INTx line is asserted now (always false without a line).
+    pub fn intx_asserted(&self) -> bool {
+        self.intx.level()
+    }
+
+    /// Whether an INTx interrupt is pending: the status register's Interrupt Status bit
+    /// (always false without a line).
+    pub fn intx_pending(&self) -> bool {
+        self.intx.pending()
+    }
+
+    /// The ISR status byte, without the read-clears side effect of a driver read.
+    pub fn isr_status(&self) -> u8 {
+        self.intx.peek_isr()
     }
 
     /// The shared transport core.
@@ -489,7 +580,7 @@ where
             DeviceStatus => {
                 c.set_status(v as u8);
                 if v == 0 {
-                    self.isr.store(0, Ordering::Release);
+                    self.intx.reset();
                     self.vectors.reset();
                 }
             }
@@ -611,19 +702,30 @@ where
     }
 
     /// A read touching `pci_cfg_data` first reads BAR 0 through the PCI configuration access
-    /// window into it (see the [module docs](self)).
+    /// window into it (see the [module docs](self)). The status register's Interrupt Status
+    /// bit shows whether an INTx interrupt is pending.
     fn config_read(&mut self, offset: u16, data: &mut [u8]) {
         if self.touches_pci_cfg_data(offset, data.len()) {
             self.pci_cfg_read();
         }
+        if self.intx.wired() {
+            let st = self.cfg.get_u16(reg::STATUS) & !status::INTERRUPT_STATUS;
+            let pending = if self.intx.pending() {
+                status::INTERRUPT_STATUS
+            } else {
+                0
+            };
+            self.cfg.set_u16(reg::STATUS, st | pending);
+        }
         self.cfg.read(offset, data);
     }
 
-    /// A config write can move or stop decoding BAR 0: bound doorbell ioeventfds follow it.
-    /// A write touching `pci_cfg_data` then writes BAR 0 through the PCI configuration access
-    /// window.
+    /// A config write can move or stop decoding BAR 0: bound doorbell ioeventfds follow it;
+    /// it can set Interrupt Disable or enable MSI-X: the INTx line follows. A write touching
+    /// `pci_cfg_data` then writes BAR 0 through the PCI configuration access window.
     fn config_write(&mut self, offset: u16, data: &[u8]) {
         self.cfg.write(offset, data);
+        self.sync_intx();
         let now = self.bar_address();
         if let Some(b) = self.doorbells.as_mut() {
             b.rebind(now);
@@ -641,8 +743,8 @@ where
         match offset {
             o if o < COMMON_CFG_LEN => self.common_read(o, data),
             o if o == ISR_CFG_OFFSET && data.len() == 1 => {
-                // Reading the ISR clears it (virtio 1.2 §4.1.4.5).
-                data[0] = self.isr.swap(0, Ordering::AcqRel);
+                // Reading the ISR clears it and deasserts INTx (virtio 1.2 §4.1.4.5).
+                data[0] = self.intx.read_isr();
             }
             o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_LEN).contains(&o) => {
                 self.core.read_config(o - DEVICE_CFG_OFFSET, data)
