@@ -40,6 +40,8 @@ mod kvm_tests;
 #[cfg(test)]
 mod pci_cfg_tests;
 #[cfg(test)]
+mod pci_intx_tests;
+#[cfg(test)]
 mod pci_tests;
 #[cfg(test)]
 mod tests;
