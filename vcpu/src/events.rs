@@ -68,6 +68,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::kvm_ext::read_guest_state;
+use crate::vmcs::delivery::EventDelivery;
 use crate::vmcs::{InterruptionInfo, Vmcs};
 use crate::{Error, VcpuGuestState, VcpuInterruptWindow};
 
@@ -87,6 +88,43 @@ pub fn inject<V: VcpuGuestState + ?Sized>(
         vcpu.set_regs(&k.regs)?;
     }
     vcpu.set_vcpu_events(&k.events)
+}
+
+/// [`inject`] with the IDT checks of software-event delivery ([`crate::vmcs::delivery`]):
+/// `read_gate(vcpu, linear_address, buf)` reads the event's IDT gate — on KVM with
+/// [`KvmVcpu::read_guest_linear`](crate::KvmVcpu::read_guest_linear). A software interrupt
+/// or software exception through a gate whose DPL is below CPL, a not-present gate or one
+/// beyond the IDT limit injects the #GP/#NP VM entry would deliver (error code `vector·8 + 2`,
+/// + EXT for `INT1`) at the current RIP instead. Returns what the delivery will do.
+///
+/// ```no_run
+/// use vmkit_vcpu::events::inject_through_idt;
+/// use vmkit_vcpu::vmcs::InterruptionInfo;
+/// # fn demo(vcpu: &mut vmkit_vcpu::KvmVcpu, mem: &vm_memory::GuestMemoryMmap)
+/// #     -> Result<(), vmkit_vcpu::Error> {
+/// // `INT 0x80` as if a 2-byte `int 0x80` preceded the current RIP.
+/// let d = inject_through_idt(vcpu, InterruptionInfo::software_interrupt(0x80), 0, 2, |v, a, b| {
+///     v.read_guest_linear(mem, a, b)
+/// })?;
+/// println!("{d:?}");
+/// # Ok(()) }
+/// ```
+pub fn inject_through_idt<V: VcpuGuestState + ?Sized>(
+    vcpu: &mut V,
+    info: InterruptionInfo,
+    error_code: u32,
+    instruction_length: u32,
+    read_gate: impl FnOnce(&V, u64, &mut [u8]) -> bool,
+) -> Result<EventDelivery, Error> {
+    let mut vmcs = Vmcs::from_kvm(&read_guest_state(vcpu)?);
+    vmcs.inject(info, error_code, instruction_length);
+    let v: &V = vcpu;
+    let (k, delivery) = vmcs.to_kvm_through_idt(|a, buf| read_gate(v, a, buf))?;
+    if info.kind.is_software() {
+        vcpu.set_regs(&k.regs)?;
+    }
+    vcpu.set_vcpu_events(&k.events)?;
+    Ok(delivery)
 }
 
 #[derive(Debug, Default)]

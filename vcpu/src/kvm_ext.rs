@@ -11,10 +11,12 @@ use kvm_bindings::{
     kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
 use crate::kvm_map::{GUEST_STATE_MSRS, KvmGuestState};
 use crate::vmcs::controls::primary;
+use crate::vmcs::delivery::EventDelivery;
 use crate::vmcs::{MsrBitmap, Vmcs};
 use crate::{
     Error, KvmVcpu, KvmVm, VcpuEvents, VcpuExtendedState, VcpuGuestState, VcpuInterruptWindow,
@@ -198,6 +200,28 @@ impl Vmcs {
         write_guest_state(vcpu, &k)
     }
 
+    /// [`apply`](Self::apply) with the IDT checks of software-event delivery (see
+    /// [`Vmcs::to_kvm_through_idt`]). The state is loaded first, so `read_gate(vcpu, address,
+    /// buf)` reads the gate under the new state's paging (e.g. with
+    /// [`KvmVcpu::read_guest_linear`]); if a check fails, the resulting #GP/#NP replaces the
+    /// injected event and RIP is not advanced.
+    pub fn apply_through_idt<V: VcpuGuestState + ?Sized>(
+        &self,
+        vcpu: &mut V,
+        read_gate: impl FnOnce(&V, u64, &mut [u8]) -> bool,
+    ) -> Result<EventDelivery, Error> {
+        let k = self.to_kvm()?;
+        write_guest_state(vcpu, &k)?;
+        let v: &V = vcpu;
+        let delivery = self.software_event_delivery(|a, buf| read_gate(v, a, buf));
+        if let EventDelivery::Fault(f) = delivery {
+            let k = self.with_fault_injected(&f).to_kvm()?;
+            vcpu.set_regs(&k.regs)?;
+            vcpu.set_vcpu_events(&k.events)?;
+        }
+        Ok(delivery)
+    }
+
     /// The guest-state area of `vcpu` as a VMCS (see [`Vmcs::from_kvm`]).
     pub fn read_from<V: VcpuGuestState + ?Sized>(vcpu: &V) -> Result<Vmcs, Error> {
         Ok(Vmcs::from_kvm(&read_guest_state(vcpu)?))
@@ -221,6 +245,40 @@ impl Vmcs {
 }
 
 impl KvmVcpu {
+    /// Read guest-linear memory: each page of `addr..addr + buf.len()` is translated with
+    /// KVM_TRANSLATE under the vCPU's current paging mode, then read from `mem`. False when a
+    /// page is not mapped or the memory read fails (nothing guest-controlled can panic here).
+    pub fn read_guest_linear<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        addr: u64,
+        buf: &mut [u8],
+    ) -> bool {
+        let mut done = 0;
+        while done < buf.len() {
+            let la = addr.wrapping_add(done as u64);
+            let in_page = (0x1000 - (la & 0xfff)) as usize;
+            let n = in_page.min(buf.len() - done);
+            let Ok(t) = self.fd().translate_gva(la) else {
+                return false;
+            };
+            if t.valid == 0 {
+                return false;
+            }
+            let Some(chunk) = buf.get_mut(done..done + n) else {
+                return false;
+            };
+            if mem
+                .read_slice(chunk, GuestAddress(t.physical_address))
+                .is_err()
+            {
+                return false;
+            }
+            done += n;
+        }
+        true
+    }
+
     /// Express the exception bitmap with KVM_SET_GUEST_DEBUG: bit 1 (#DB) → hardware
     /// breakpoints/single-step interception, bit 3 (#BP) → software breakpoint interception.
     /// Intercepted exceptions exit as [`crate::Exit::Debug`]. Other vectors cannot be

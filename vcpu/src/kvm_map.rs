@@ -15,10 +15,20 @@
 //! IA32_PERF_GLOBAL_CTRL, PDPTEs (KVM reloads them from CR3), the VMX-preemption timer.
 //!
 //! Event injection follows VM-entry interruption-information semantics: external interrupts,
-//! NMIs and hardware exceptions (with or without error code) become KVM "injected" events;
-//! software interrupts and software exceptions advance RIP by the VM-entry instruction length
-//! before delivery, so the pushed return address is RIP + length as on VM entry (the gate DPL
-//! check of a software `INT n` is not performed).
+//! NMIs and hardware exceptions (with or without error code) become KVM "injected" events,
+//! which KVM delivers through the guest IDT itself. Software interrupts, privileged software
+//! exceptions and software exceptions (types 4, 5, 6) advance RIP by the VM-entry instruction
+//! length before delivery, so the pushed return address is RIP + length as on VM entry.
+//!
+//! KVM delivers those as if they were hardware events, so the checks that `INT n`, `INT3`,
+//! `INTO` and `INT1` make on their IDT gate — limit, gate type, gate DPL ≥ CPL (not for
+//! `INT1`), present — are made here, by [`Vmcs::to_kvm_through_idt`] (and the KVM glue built on
+//! it: [`Vmcs::apply_through_idt`], [`crate::events::inject_through_idt`]), which reads the
+//! gate from guest memory. When a check fails the event becomes the #GP or #NP with error code
+//! `vector·8 + 2` (+ EXT for `INT1`) it raises on VM entry, pushing the un-advanced RIP. The rule
+//! and what it leaves to KVM (real mode, virtual-8086 redirection, checks after the gate) are
+//! in [`crate::vmcs::delivery`]. [`Vmcs::to_kvm`] and [`Vmcs::apply`] have no guest memory and
+//! map software events unchecked.
 
 use kvm_bindings::{
     KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_RUNNABLE,
@@ -35,6 +45,7 @@ use crate::vmcs::checks::{
     INTR_BLOCKING_NMI, INTR_BLOCKING_STI,
 };
 use crate::vmcs::controls::{entry, primary, secondary};
+use crate::vmcs::delivery::{EventDelivery, GateFault};
 use crate::vmcs::exit_reason::{EptViolationQualification, IoDirection, IoQualification};
 use crate::vmcs::{
     DescriptorTable, ExitReason, GeneralRegisters, InterruptionInfo, InterruptionType, Vmcs,
@@ -177,6 +188,64 @@ impl Vmcs {
     pub fn to_kvm(&self) -> Result<KvmGuestState, MapError> {
         checks::check_guest_state(self)?;
         self.to_kvm_unchecked()
+    }
+
+    /// [`to_kvm`](Self::to_kvm) with the IDT checks of software-event delivery
+    /// ([`crate::vmcs::delivery`]): `read_gate(linear_address, buf)` reads the injected event's
+    /// IDT gate (returning false when it cannot). When a check fails, the KVM state injects the
+    /// resulting #GP/#NP with its error code at the current RIP instead of the event.
+    ///
+    /// ```
+    /// use vmkit_vcpu::Vmcs;
+    /// use vmkit_vcpu::vmcs::delivery::EventDelivery;
+    /// use vmkit_vcpu::vmcs::{DescriptorTable, InterruptionInfo, ar};
+    ///
+    /// let mut vmcs = Vmcs::flat_64(0x9000, 0x10_0000, 0x8_0000);
+    /// vmcs.guest.idtr = DescriptorTable { base: 0x1000, limit: 0xfff };
+    /// // Ring 3.
+    /// for s in [&mut vmcs.guest.cs, &mut vmcs.guest.ss] {
+    ///     s.selector |= 3;
+    ///     s.access_rights |= 3 << ar::DPL_SHIFT;
+    /// }
+    /// // `INT 0x30` (2 bytes) through a DPL-0 gate.
+    /// vmcs.inject(InterruptionInfo::software_interrupt(0x30), 0, 2);
+    /// let (k, d) = vmcs.to_kvm_through_idt(|_, gate| {
+    ///     gate.fill(0);
+    ///     gate[5] = 0x8e; // present 64-bit interrupt gate, DPL 0
+    ///     true
+    /// })?;
+    /// assert!(matches!(d, EventDelivery::Fault(_)));
+    /// assert_eq!(k.events.exception.nr, 13);
+    /// assert_eq!(k.events.exception.error_code, 0x30 * 8 + 2);
+    /// assert_eq!(k.regs.rip, 0x10_0000); // not advanced: #GP is a fault of the INT
+    /// # Ok::<(), vmkit_vcpu::kvm_map::MapError>(())
+    /// ```
+    pub fn to_kvm_through_idt(
+        &self,
+        read_gate: impl FnOnce(u64, &mut [u8]) -> bool,
+    ) -> Result<(KvmGuestState, EventDelivery), MapError> {
+        checks::check_guest_state(self)?;
+        self.to_kvm_unchecked_through_idt(read_gate)
+    }
+
+    /// [`to_kvm_through_idt`](Self::to_kvm_through_idt) without the VM-entry checks.
+    pub fn to_kvm_unchecked_through_idt(
+        &self,
+        read_gate: impl FnOnce(u64, &mut [u8]) -> bool,
+    ) -> Result<(KvmGuestState, EventDelivery), MapError> {
+        let delivery = self.software_event_delivery(read_gate);
+        let k = match delivery {
+            EventDelivery::Fault(f) => self.with_fault_injected(&f).to_kvm_unchecked()?,
+            _ => self.to_kvm_unchecked()?,
+        };
+        Ok((k, delivery))
+    }
+
+    /// This VMCS injecting `f` (at the current RIP) instead of its event.
+    pub(crate) fn with_fault_injected(&self, f: &GateFault) -> Vmcs {
+        let mut v = self.clone();
+        v.inject(f.interruption_info(), f.error_code, 0);
+        v
     }
 
     /// Map to KVM structures without the VM-entry checks (representability is still checked).

@@ -82,6 +82,8 @@ mod kvm_tests;
 #[cfg(test)]
 mod kvm_tests_control;
 #[cfg(test)]
+mod kvm_tests_delivery;
+#[cfg(test)]
 mod kvm_tests_vmcs;
 #[cfg(test)]
 mod map_tests;

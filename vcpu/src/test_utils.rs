@@ -37,6 +37,14 @@ pub const DATA_ADDR: u64 = 0x20_0000;
 pub const IDT_ADDR: u64 = 0x1000;
 /// A page for interrupt handlers, free for tests.
 pub const HANDLER_ADDR: u64 = 0x30_0000;
+/// Attribute byte of a present 64-bit interrupt gate with DPL 0.
+pub const GATE_DPL0: u8 = 0x8e;
+/// Attribute byte of a present 64-bit interrupt gate with DPL 3.
+pub const GATE_DPL3: u8 = 0xee;
+/// Ring-3 code selector [`TinyGuest::enter_ring3`] loads (GDT index 5, RPL 3).
+pub const USER_CS: u16 = 0x2b;
+/// Ring-3 stack selector [`TinyGuest::enter_ring3`] loads (GDT index 6, RPL 3).
+pub const USER_SS: u16 = 0x33;
 /// Default guest RAM size.
 pub const DEFAULT_RAM: u64 = 16 << 20;
 
@@ -111,10 +119,20 @@ impl TinyGuest {
     /// Write a 64-bit IDT at [`IDT_ADDR`] with interrupt gates (CS 0x08) for `(vector, handler)`
     /// and point the vCPU's IDTR at it.
     pub fn install_idt(&mut self, handlers: &[(u8, u64)]) -> Result<(), HarnessError> {
+        let gates: Vec<_> = handlers
+            .iter()
+            .map(|&(vector, h)| (vector, h, GATE_DPL0))
+            .collect();
+        self.install_gates(&gates)
+    }
+
+    /// Like [`install_idt`](Self::install_idt) with each gate's attribute byte given (P, DPL,
+    /// type: [`GATE_DPL0`], [`GATE_DPL3`], or anything else a test needs).
+    pub fn install_gates(&mut self, gates: &[(u8, u64, u8)]) -> Result<(), HarnessError> {
         use crate::VcpuSpecialRegisters;
-        for &(vector, h) in handlers {
+        for &(vector, h, attr) in gates {
             let lo: u64 =
-                (h & 0xffff) | (0x08 << 16) | (0x8e00u64 << 32) | ((h >> 16) & 0xffff) << 48;
+                (h & 0xffff) | (0x08 << 16) | (attr as u64) << 40 | ((h >> 16) & 0xffff) << 48;
             let hi: u64 = h >> 32;
             let at = IDT_ADDR + vector as u64 * 16;
             self.mem.write_obj(lo, GuestAddress(at))?;
@@ -127,15 +145,74 @@ impl TinyGuest {
         Ok(())
     }
 
+    /// Like [`new`](Self::new) with every page user-accessible (U/S = 1), so code can run at
+    /// CPL 3 after [`enter_ring3`](Self::enter_ring3).
+    pub fn with_user_pages(
+        program: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+    ) -> Result<Self, HarnessError> {
+        Self::build_with(
+            DEFAULT_RAM,
+            &assemble(CODE_ADDR, program)?,
+            flags::WRITABLE | flags::USER,
+            |_| Ok(()),
+        )
+    }
+
+    /// Put the vCPU at CPL 3: adds a DPL-3 64-bit code segment ([`USER_CS`]) and data segment
+    /// ([`USER_SS`]) to the GDT, sets the TSS's RSP0 to [`STACK_TOP`] (the stack interrupts
+    /// from ring 3 switch to), loads CS/SS with them and RIP/RSP with `rip`/`rsp`. The pages
+    /// must be user-accessible ([`with_user_pages`](Self::with_user_pages)).
+    pub fn enter_ring3(&mut self, rip: u64, rsp: u64) -> Result<(), HarnessError> {
+        use crate::{Segment, VcpuRegisters, VcpuSpecialRegisters};
+        let code = Segment {
+            selector: USER_CS,
+            dpl: 3,
+            ..self.state.cs
+        };
+        let data = Segment {
+            selector: USER_SS,
+            dpl: 3,
+            ..self.state.data
+        };
+        let gdt = self.state.gdt_base;
+        let entries = self.state.gdt_entries().len() as u64;
+        self.mem
+            .write_obj(code.descriptor(), GuestAddress(gdt + entries * 8))?;
+        self.mem
+            .write_obj(data.descriptor(), GuestAddress(gdt + entries * 8 + 8))?;
+        // 64-bit TSS: RSP0 at offset 4.
+        self.mem
+            .write_obj(STACK_TOP, GuestAddress(self.state.tr.base + 4))?;
+        let mut sregs = self.vcpu.sregs()?;
+        sregs.gdt.limit = ((entries + 2) * 8 - 1) as u16;
+        sregs.cs = code.to_kvm();
+        sregs.ss = data.to_kvm();
+        self.vcpu.set_sregs(&sregs)?;
+        let mut regs = self.vcpu.regs()?;
+        regs.rip = rip;
+        regs.rsp = rsp;
+        self.vcpu.set_regs(&regs)?;
+        Ok(())
+    }
+
     fn build(
         ram: u64,
         code: &[u8],
         setup: impl FnOnce(&mut KvmVm) -> Result<(), HarnessError>,
     ) -> Result<Self, HarnessError> {
+        Self::build_with(ram, code, flags::WRITABLE, setup)
+    }
+
+    fn build_with(
+        ram: u64,
+        code: &[u8],
+        leaf_flags: u64,
+        setup: impl FnOnce(&mut KvmVm) -> Result<(), HarnessError>,
+    ) -> Result<Self, HarnessError> {
         let layout = GuestLayout::builder().ram_size(ram).build()?;
         let mem = layout.create_memory()?;
         let mut pt = PageTableBuilder::new(&mem, PAGE_TABLE_ADDR, 0x7000)?;
-        pt.identity_map(0, 4 << 30, PageSize::Size2M, flags::WRITABLE)?;
+        pt.identity_map(0, 4 << 30, PageSize::Size2M, leaf_flags)?;
         mem.write_slice(code, GuestAddress(CODE_ADDR))?;
         let state = LongModeState::flat_64(pt.cr3(), CODE_ADDR, STACK_TOP);
         state.write_gdt(&mem)?;
