@@ -11,6 +11,11 @@
 //! for an interrupt-window exit, as a VMM sets "interrupt-window exiting" on VMX. Each raised
 //! interrupt is injected exactly once, in order.
 //!
+//! [`inject`] has no guest memory, so a software event goes to KVM unchecked, and KVM delivers
+//! it like a hardware event. [`inject_through_idt`] also reads the event's IDT gate and makes
+//! the checks VM entry makes for `INT n`, `INT3`, `INTO` and `INT1` (limit, gate type, DPL ≥
+//! CPL, present; see [`crate::vmcs::delivery`]), injecting the resulting #GP/#NP instead.
+//!
 //! The rules are those of VM entry, so they can be tried on a plain [`Vmcs`]:
 //!
 //! ```
@@ -75,6 +80,7 @@ use crate::{Error, VcpuGuestState, VcpuInterruptWindow};
 /// Inject `info` (with `error_code` and, for software events, `instruction_length`) at the next
 /// VM entry of `vcpu`. The current guest state plus the event must pass the VM-entry checks
 /// ([`crate::vmcs::checks`]); otherwise nothing is injected and the violated rule is returned.
+/// Software events are not checked against their IDT gate: see [`inject_through_idt`].
 pub fn inject<V: VcpuGuestState + ?Sized>(
     vcpu: &mut V,
     info: InterruptionInfo,

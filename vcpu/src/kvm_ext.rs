@@ -195,6 +195,8 @@ pub fn write_guest_state<V: VcpuGuestState + ?Sized>(
 impl Vmcs {
     /// Run the VM-entry checks and load the guest-state area into `vcpu` (the equivalent of
     /// VMLAUNCH's guest-state loading). A VMCS that fails the checks is never handed to KVM.
+    /// An injected software event is not checked against its IDT gate: see
+    /// [`apply_through_idt`](Self::apply_through_idt).
     pub fn apply<V: VcpuGuestState + ?Sized>(&self, vcpu: &mut V) -> Result<(), Error> {
         let k = self.to_kvm()?;
         write_guest_state(vcpu, &k)
