@@ -5,21 +5,29 @@
 //!
 //! virtio-pci inputs also reach BAR 0 through the `VIRTIO_PCI_CAP_PCI_CFG` window
 //! ([`PciOp::Window`]: `cap.bar`, `cap.offset`, `cap.length`, then a `pci_cfg_data` access).
+//! Each virtio-pci input runs on two functions in lockstep: one with INTA# wired to a
+//! recording line (so every input that leaves MSI-X disabled notifies through INTx) and one
+//! without a line; apart from the line they must behave identically (status, counters, ISR,
+//! MSI messages, device work).
 //!
 //! Invariants: nothing panics or hangs; FEATURES_OK is only ever set with a subset of the
 //! offered features including VERSION_1; a device is activated only with DRIVER_OK set; the rng
 //! never writes more bytes than 64 KiB per completed chain; a window that must not act (bar not
 //! 0, length not 1, 2 or 4, offset misaligned or outside the BAR) changes nothing but
-//! `bad_register_accesses` (+1): no status change, no MSI, no other counter.
+//! `bad_register_accesses` (+1): no status change, no MSI, no other counter, no line change.
+//! INTx (virtio 1.2 §4.1.5.3/4, PCI 3.0 §6.2.3, §6.8.3.3): the line is set only on a change;
+//! it is high only while an interrupt is pending (ISR non-zero), MSI-X is disabled and
+//! Interrupt Disable is clear; the status register's Interrupt Status bit is the pending
+//! state; after a driver read of the ISR (directly or through the window) the line is low.
 
 use std::sync::Arc;
 
 use arbitrary::{Arbitrary, Unstructured};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmkit_devices::MutBusDevice;
-use vmkit_devices::interrupt::RecordingInterrupt;
+use vmkit_devices::interrupt::{RecordingInterrupt, RecordingIrqLine};
 use vmkit_devices::msi::RecordingMsiSink;
-use vmkit_devices::pci::PciFunction;
+use vmkit_devices::pci::{PciFunction, command, reg, status};
 use vmkit_virtio::mmio::MmioTransport;
 use vmkit_virtio::pci::VirtioPciTransport;
 use vmkit_virtio::rng::{EntropySource, RNG_MAX_CHAIN_BYTES, Rng};
@@ -30,7 +38,7 @@ use vmkit_virtio::{TransportCore, VirtioDevice};
 pub const MEM_SIZE: usize = 1 << 20;
 
 /// One guest action.
-#[derive(Arbitrary, Debug)]
+#[derive(Arbitrary, Debug, Clone, Copy)]
 pub enum Op {
     /// A register access (mmio: offset in the 4 KiB window; pci: offset in BAR 0).
     Reg {
@@ -80,7 +88,7 @@ pub enum Op {
 }
 
 /// One guest action on virtio-pci: a shared [`Op`] or a PCI configuration access window use.
-#[derive(Arbitrary, Debug)]
+#[derive(Arbitrary, Debug, Clone, Copy)]
 pub enum PciOp {
     /// An action shared with virtio-mmio.
     Common(Op),
@@ -244,14 +252,20 @@ struct PciRig {
     sink: Arc<RecordingMsiSink>,
     mem: GuestMemoryMmap,
     cfg_cap: u16,
+    /// INTA#, when wired.
+    line: Option<Arc<RecordingIrqLine>>,
 }
 
 impl PciRig {
-    fn new(mem: GuestMemoryMmap) -> Option<Self> {
+    fn new(mem: GuestMemoryMmap, intx: bool) -> Option<Self> {
         let sink = Arc::new(RecordingMsiSink::default());
         let dev = Rng::new(Fixed);
         let msix = VirtioPciTransport::<Dev>::msix_for(&dev, sink.clone()).ok()?;
         let mut t = VirtioPciTransport::new(dev, mem.clone(), msix).ok()?;
+        let line = intx.then(|| Arc::new(RecordingIrqLine::default()));
+        if let Some(l) = &line {
+            t = t.with_intx(l.clone());
+        }
         // Find the PCI configuration access capability as a driver does.
         let mut b = [0u8; 4];
         t.config_read(0x34, &mut b[..1]);
@@ -269,10 +283,49 @@ impl PciRig {
             sink,
             mem,
             cfg_cap,
+            line,
         })
     }
 
-    fn op(&mut self, op: Op) {
+    fn line_level(&self) -> bool {
+        self.line.as_ref().is_some_and(|l| l.level())
+    }
+
+    /// The INTx invariants (module docs); `isr_read`: the last action read the ISR.
+    fn check_intx(&mut self, isr_read: bool) {
+        let Some(line) = self.line.clone() else {
+            assert!(!self.t.intx_asserted() && !self.t.intx_pending());
+            return;
+        };
+        let level = line.level();
+        assert_eq!(level, self.t.intx_asserted());
+        assert_eq!(
+            line.calls(),
+            line.asserts() + line.deasserts(),
+            "redundant set_level"
+        );
+        let pending = self.t.intx_pending();
+        let mut st = [0u8; 2];
+        self.t.config_read(reg::STATUS, &mut st);
+        let st = u16::from_le_bytes(st);
+        assert_eq!(
+            st & status::INTERRUPT_STATUS != 0,
+            pending,
+            "Interrupt Status"
+        );
+        let cmd = self.t.config_space().get_u16(reg::COMMAND);
+        if pending {
+            assert_ne!(self.t.isr_status(), 0, "pending with an empty ISR");
+            assert!(!self.t.msix().enabled(), "pending under MSI-X");
+        }
+        assert_eq!(level, pending && cmd & command::INTX_DISABLE == 0);
+        if isr_read {
+            assert!(!level && !pending, "the line survived an ISR read");
+        }
+    }
+
+    /// Apply `op`; whether it was a driver read of the ISR.
+    fn op(&mut self, op: Op) -> bool {
         let t = &mut self.t;
         let mut buf = [0u8; 8];
         match op {
@@ -285,12 +338,13 @@ impl PciRig {
                 let n = width(len);
                 let off = offset as u64 % 0x8000;
                 if off + n as u64 > 0x8000 {
-                    return; // the root bus never forwards accesses crossing the BAR's end
+                    return false; // the root bus never forwards accesses crossing the BAR's end
                 }
                 if write {
                     t.bar_write(0, off, &value.to_le_bytes()[..n]);
                 } else {
                     t.bar_read(0, off, &mut buf[..n]);
+                    return off == 0x1000 && n == 1;
                 }
             }
             Op::Config {
@@ -327,9 +381,11 @@ impl PciRig {
             }
             Op::ConfigChanged => t.core_mut().config_changed(),
         }
+        false
     }
 
-    fn window(&mut self, w: WindowOp) {
+    /// Use the window; whether it read the ISR.
+    fn window(&mut self, w: WindowOp) -> bool {
         let WindowOp {
             bar,
             offset,
@@ -365,6 +421,7 @@ impl PciRig {
             && offset as u64 + length as u64 <= 0x8000;
         let n = [1u16, 2, 4][width as usize % 3];
         let data = cap + 16 + ((at as u16 % 4) & !(n - 1));
+        let level = self.line.as_ref().map(|l| (l.asserts(), l.deasserts()));
         let before = (t.metrics(), t.core().status(), self.sink.sent().len());
         let mut buf = [0u8; 4];
         if write {
@@ -378,7 +435,12 @@ impl PciRig {
             assert_eq!(t.metrics(), m, "a window that must not act did");
             assert_eq!(t.core().status(), before.1);
             assert_eq!(self.sink.sent().len(), before.2);
+            assert_eq!(
+                self.line.as_ref().map(|l| (l.asserts(), l.deasserts())),
+                level
+            );
         }
+        acts && !write && offset == 0x1000 && length == 1
     }
 }
 
@@ -387,16 +449,31 @@ pub fn run_pci(data: &[u8]) {
     run_pci_rig(data);
 }
 
+/// Run `data` on a function with INTA# wired and one without, in lockstep; the wired one.
 fn run_pci_rig(data: &[u8]) -> Option<PciRig> {
     let ops = Unstructured::new(data).arbitrary::<Vec<PciOp>>().ok()?;
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).ok()?;
-    let mut rig = PciRig::new(mem)?;
+    let mem = || GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).ok();
+    let mut rig = PciRig::new(mem()?, true)?;
+    let mut plain = PciRig::new(mem()?, false)?;
     for op in ops {
-        match op {
-            PciOp::Common(op) => rig.op(op),
-            PciOp::Window(w) => rig.window(w),
+        let mut isr_read = false;
+        for r in [&mut rig, &mut plain] {
+            isr_read = match op {
+                PciOp::Common(op) => r.op(op),
+                PciOp::Window(w) => r.window(w),
+            };
+            check(r.t.core());
+            r.check_intx(isr_read);
         }
-        check(rig.t.core());
+        if isr_read {
+            assert!(!rig.line_level());
+        }
+        // INTx changes nothing but the line.
+        assert_eq!(rig.t.metrics(), plain.t.metrics());
+        assert_eq!(rig.t.core().status(), plain.t.core().status());
+        assert_eq!(rig.t.isr_status(), plain.t.isr_status());
+        assert_eq!(rig.sink.sent(), plain.sink.sent());
+        assert_eq!(rig.t.device().metrics(), plain.t.device().metrics());
     }
     Some(rig)
 }
@@ -526,7 +603,7 @@ mod tests {
         })
     }
 
-    /// The `pci_window_*` seeds of `corpus/virtio_pci/`: regenerate with
+    /// The `pci_window_*` and `pci_intx` seeds of `corpus/virtio_pci/`: regenerate with
     /// `cargo test -p vmkit-fuzz-common -- --ignored write_pci_window_seeds`.
     fn pci_window_seeds() -> Vec<(&'static str, Vec<PciOp>)> {
         let msix_ctrl = {
@@ -535,7 +612,7 @@ mod tests {
                 super::MEM_SIZE,
             )])
             .unwrap();
-            let rig = PciRig::new(mem).unwrap();
+            let rig = PciRig::new(mem, true).unwrap();
             let caps = vmkit_devices::pci::PciFunction::config_space(&rig.t).capabilities();
             caps.iter().find(|c| c.0 == 0x11).unwrap().1 as u8 + 2
         };
@@ -628,11 +705,42 @@ mod tests {
                 at: 2,
             }),
         ];
+        // INTx: MSI-X left disabled, the kick raises INTA#; Interrupt Disable holds it low and
+        // clearing it raises it again; the ISR read drops it; a config change raises it and
+        // an ISR read through the window drops it; with MSI-X enabled a kick uses the
+        // (masked) vector and the line stays low.
+        let cfg = |offset, write, value| {
+            PciOp::Common(Op::Config {
+                offset,
+                write,
+                value,
+                len: 1, // two bytes
+            })
+        };
+        let mut intx = ring();
+        intx.extend([
+            PciOp::Common(Op::Kick { queue: 0 }),
+            cfg(0x04, true, 0x0406), // memory, bus master, Interrupt Disable
+            cfg(0x06, false, 0),
+            cfg(0x04, true, 0x0006),
+            PciOp::Common(Op::Reg {
+                offset: 0x1000,
+                write: false,
+                value: 0,
+                len: 1,
+            }),
+            PciOp::Common(Op::ConfigChanged),
+            win(0x1000, 1, false, 0),
+            mem(0x1100, [0, 0, 2, 0, 0, 0, 0, 0]),
+            cfg(msix_ctrl, true, 0x8000),
+            PciOp::Common(Op::Kick { queue: 0 }),
+        ]);
         vec![
             ("pci_window_kick", kick),
             ("pci_window_reads", reads),
             ("pci_window_bad", bad_windows),
             ("pci_window_partial", partial),
+            ("pci_intx", intx),
         ]
     }
 
@@ -660,6 +768,16 @@ mod tests {
                 "pci_window_bad" => {
                     assert_eq!((status, used, m.bad_register_accesses), (0xf, 0, 9))
                 }
+                "pci_intx" => {
+                    let line = rig.line.as_ref().unwrap();
+                    assert_eq!((status, used, m.bad_register_accesses), (0xf, 2, 0));
+                    assert_eq!(
+                        (line.asserts(), line.deasserts(), line.level()),
+                        (3, 3, false)
+                    );
+                    assert!(rig.sink.vectors().is_empty(), "vector 0 is masked");
+                    assert_eq!(rig.t.isr_status(), 1, "set in MSI-X mode too");
+                }
                 _ => assert_eq!(m.bad_register_accesses, 0, "{name}"),
             }
             let committed = std::fs::read(seed_dir().join(name)).ok();
@@ -668,7 +786,7 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "writes corpus/virtio_pci/pci_window_*"]
+    #[ignore = "writes corpus/virtio_pci/pci_window_* and pci_intx"]
     fn write_pci_window_seeds() {
         for (name, ops) in pci_window_seeds() {
             std::fs::write(seed_dir().join(name), encode(&ops)).unwrap();
