@@ -11,6 +11,11 @@
 //!   userspace.
 //! * **device → guest interrupt**: raising an MSI through an irqfd (eventfd write, KVM injects)
 //!   vs. a `KVM_SIGNAL_MSI` ioctl, on a VM with the split irqchip.
+//! * **virtio-pci INTx vs MSI-X**: one configuration-change notification of a virtio-pci
+//!   function with MSI-X disabled and INTA# on a userspace I/O APIC level pin (ISR bit, line up,
+//!   I/O APIC → `KVM_SIGNAL_MSI`) plus the driver's ISR read (line down) and the EOI the vCPU's
+//!   EOI exit brings, vs. the same notification through an enabled MSI-X vector
+//!   (`KVM_SIGNAL_MSI`).
 //!
 //! After the criterion runs, a paired measurement prints per-operation costs and the ratios.
 //!
@@ -27,13 +32,16 @@ use kvm_bindings::kvm_regs;
 use vm_memory::GuestMemoryMmap;
 use vmkit_devices::debug_exit::DebugExit;
 use vmkit_devices::interrupt::NoInterrupt;
+use vmkit_devices::ioapic::{Ioapic, IoapicLine};
 use vmkit_devices::kvm_irq::{KvmIrqRouter, SignalMsiInterrupt, enable_split_irqchip};
 use vmkit_devices::msi::MsiMessage;
+use vmkit_devices::pci::PciFunction;
 use vmkit_devices::{InterruptSource, IoBuses, MutBusDevice};
 use vmkit_vcpu::test_utils::TinyGuest;
 use vmkit_vcpu::{ExitStats, KvmVm, RunOutcome, StopHandle, VcpuRegisters, run_until_exit};
 use vmkit_virtio::mmio::{MMIO_WINDOW_SIZE, MmioTransport, VIRTIO_MMIO_QUEUE_NOTIFY};
 use vmkit_virtio::notify::{NotifyWorker, QueueEventFd, register_ioeventfds};
+use vmkit_virtio::pci::{ISR_CFG_OFFSET, MSIX_TABLE_OFFSET, VirtioPciTransport};
 use vmkit_virtio::spec::*;
 use vmkit_virtio::{Activation, DeviceError, VirtioDevice};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -212,6 +220,80 @@ fn msi_paths() -> (
     (vm, vcpu, irqfd, signal)
 }
 
+/// Two virtio-pci functions on one split-irqchip VM: `intx` with MSI-X disabled and INTA# on
+/// I/O APIC pin 10 (level, vector 0x31), `msix` with MSI-X enabled and its config vector
+/// unmasked; both deliver with `KVM_SIGNAL_MSI`.
+struct PciPaths {
+    _vm: KvmVm,
+    _vcpu: vmkit_vcpu::KvmVcpu,
+    intx: VirtioPciTransport<Counting>,
+    msix: VirtioPciTransport<Counting>,
+    ioapic: Arc<Mutex<Ioapic>>,
+}
+
+impl PciPaths {
+    const VECTOR: u8 = 0x31;
+
+    fn new() -> Self {
+        let vm = KvmVm::new().unwrap();
+        enable_split_irqchip(&vm).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let router = KvmIrqRouter::new(&vm).unwrap();
+        let ioapic = Arc::new(Mutex::new(Ioapic::new(router.clone())));
+        ioapic
+            .lock()
+            .unwrap()
+            .write_register(0x10 + 2 * 10, 0x8000 | Self::VECTOR as u32);
+        let mem = GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+        let function = |intx: bool| {
+            let dev = Counting(Arc::default());
+            let msix = VirtioPciTransport::msix_for(&dev, router.clone()).unwrap();
+            let t = VirtioPciTransport::new(dev, mem.clone(), msix).unwrap();
+            if intx {
+                t.with_intx(Arc::new(IoapicLine::new(ioapic.clone(), 10).unwrap()))
+            } else {
+                t
+            }
+        };
+        let intx = function(true);
+        let mut msix = function(false);
+        // MSI-X on; vector 0 → 0x41, unmasked; config_msix_vector = 0.
+        let cap = msix
+            .config_space()
+            .capabilities()
+            .into_iter()
+            .find(|c| c.0 == vmkit_devices::pci::cap_id::MSIX)
+            .unwrap()
+            .1;
+        msix.config_write(cap + 2, &0x8000u16.to_le_bytes());
+        for (off, v) in [(0, 0xfee0_0000u32), (4, 0), (8, 0x41), (12, 0)] {
+            msix.bar_write(0, MSIX_TABLE_OFFSET as u64 + off, &v.to_le_bytes());
+        }
+        msix.bar_write(0, 0x10, &0u16.to_le_bytes());
+        Self {
+            _vm: vm,
+            _vcpu: vcpu,
+            intx,
+            msix,
+            ioapic,
+        }
+    }
+
+    /// INTx: notify (line up, delivered), the driver's ISR read (line down), the EOI.
+    fn intx_cycle(&mut self) {
+        self.intx.core_mut().config_changed();
+        let mut isr = [0u8];
+        self.intx.bar_read(0, ISR_CFG_OFFSET, &mut isr);
+        self.ioapic.lock().unwrap().end_of_interrupt(Self::VECTOR);
+        black_box(isr);
+    }
+
+    /// MSI-X: notify through the config vector.
+    fn msix_signal(&mut self) {
+        self.msix.core_mut().config_changed();
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let mut ram = KickGuest::new(RAM_TARGET, false);
     let mut trapped = KickGuest::new(MMIO_BASE + VIRTIO_MMIO_QUEUE_NOTIFY, false);
@@ -241,6 +323,15 @@ fn bench(c: &mut Criterion) {
     g.bench_function("irqfd", |b| b.iter(|| irqfd.trigger().unwrap()));
     g.bench_function("kvm_signal_msi", |b| b.iter(|| signal.trigger().unwrap()));
     g.finish();
+
+    let mut pci = PciPaths::new();
+    let mut g = c.benchmark_group("virtio_pci_interrupt");
+    g.bench_function("intx_notify_isr_read_eoi", |b| b.iter(|| pci.intx_cycle()));
+    g.bench_function("msix_notify", |b| b.iter(|| pci.msix_signal()));
+    g.finish();
+    let delivered = pci.ioapic.lock().unwrap().stats().delivered;
+    assert!(delivered > 0 && !pci.intx.intx_asserted());
+    assert!(pci.msix.msix().stats().delivered > 0);
 }
 
 /// Best-of-`rounds` time per call of `f` over `batch` calls.
@@ -297,6 +388,14 @@ fn ratios() {
     println!(
         "  interrupt: irqfd {i:.0} ns, KVM_SIGNAL_MSI {s:.0} ns, signal_msi / irqfd {:.2}x",
         s / i
+    );
+
+    let mut pci = PciPaths::new();
+    let x = best(5, 10_000, || pci.intx_cycle());
+    let m = best(5, 10_000, || pci.msix_signal());
+    println!(
+        "  virtio-pci: INTx notify + ISR read + EOI {x:.0} ns, MSI-X notify {m:.0} ns, intx / msix {:.2}x",
+        x / m
     );
 }
 

@@ -9,7 +9,8 @@
 //! * [`TransportCore`] — feature negotiation, the device-status state machine and queue
 //!   configuration, written once and shared by the transports:
 //!   [`mmio::MmioTransport`] (virtio-mmio v2) and [`pci::VirtioPciTransport`] (modern
-//!   virtio-pci with MSI-X, on vmkit-devices' `PciFunction`).
+//!   virtio-pci with MSI-X, and INTx through a level-triggered line while MSI-X is disabled,
+//!   on vmkit-devices' `PciFunction`).
 //! * [`notify`] — queue notifications through ioeventfd and interrupts through irqfd.
 //! * `test_utils` (feature `test-utils`) — a driver-side harness over mock guest memory.
 //!
