@@ -221,3 +221,32 @@ fn kvm_not_present_gate_raises_np_without_ext() {
         ]
     );
 }
+
+#[test]
+fn kvm_read_guest_linear_crosses_pages_and_refuses_unmapped() {
+    use crate::VcpuSpecialRegisters;
+    use vm_memory::{Bytes, GuestAddress};
+    let mut g = TinyGuest::new(|a| a.hlt()).unwrap();
+    let at = DATA_ADDR + 0x1000 - 16;
+    let data: Vec<u8> = (0..32).collect();
+    g.mem.write_slice(&data, GuestAddress(at)).unwrap();
+    let mut buf = [0u8; 32];
+    assert!(g.vcpu.read_guest_linear(&g.mem, at, &mut buf));
+    assert_eq!(buf.to_vec(), data);
+    // Beyond the 4-GiB identity map: no translation.
+    assert!(!g.vcpu.read_guest_linear(&g.mem, 5 << 30, &mut buf));
+    // Translated, but no RAM there.
+    assert!(!g.vcpu.read_guest_linear(&g.mem, 0x8000_0000, &mut buf));
+    // An IDT whose gate cannot be read: the event is handed to KVM as injected.
+    let mut sregs = g.vcpu.sregs().unwrap();
+    sregs.idt.base = 5 << 30;
+    sregs.idt.limit = 0xfff;
+    g.vcpu.set_sregs(&sregs).unwrap();
+    let d = inject(&mut g, InterruptionInfo::software_interrupt(0x30));
+    assert_eq!(
+        d,
+        EventDelivery::GateUnreadable {
+            address: (5 << 30) + 0x300
+        }
+    );
+}

@@ -16,7 +16,9 @@
 //! * more capability traits: [`VcpuEvents`], [`VcpuMsrs`], [`VcpuExtendedState`],
 //!   [`VcpuInterruptWindow`] (all implemented by [`KvmVcpu`]);
 //! * [`events`]: event injection with VM-entry interruption-information semantics and an
-//!   interrupt queue delivered through interrupt windows;
+//!   interrupt queue delivered through interrupt windows; [`events::inject_through_idt`] adds
+//!   the IDT-gate checks (limit, type, DPL ≥ CPL, present) VM entry makes for injected software
+//!   events ([`vmcs::delivery`]);
 //! * [`cpuid`]: CPUID templates (`host`, `minimal`, JSON) normalized per vCPU;
 //! * [`control`]: pause/resume/kick from other threads, per-vCPU CPU-time caps, and
 //!   [`control::run_controlled`];
