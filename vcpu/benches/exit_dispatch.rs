@@ -1,5 +1,6 @@
-//! Exit dispatch cost through vmkit's run loops (statistics on) vs a bare kvm-ioctls loop, and
-//! the cost of applying a `Vmcs` to KVM. Prints the ratios at the end of the run.
+//! Exit dispatch cost through vmkit's run loops (statistics on) vs a bare kvm-ioctls loop, the
+//! cost of applying a `Vmcs` to KVM, and of injecting a software interrupt with the IDT-gate
+//! checks vs without. Prints the ratios at the end of the run.
 //!
 //! The guest is `loop { out 0x80, al }`: every iteration is one PIO exit, so the time per exit
 //! is the KVM_RUN round trip plus the VMM's dispatch. Guest execution time (3 instructions per
@@ -236,5 +237,69 @@ fn benches(c: &mut Criterion) {
     );
 }
 
-criterion_group!(exit, synthetic, benches);
+/// `INT 0x30` injected with `events::inject` (unchecked) vs `events::inject_through_idt`
+/// (gate read through KVM_TRANSLATE + the checks), and the checks alone.
+fn injection(c: &mut Criterion) {
+    use vmkit_vcpu::events::{inject, inject_through_idt};
+    use vmkit_vcpu::test_utils::HANDLER_ADDR;
+    use vmkit_vcpu::vmcs::InterruptionInfo;
+    use vmkit_vcpu::vmcs::delivery::{DeliveryContext, IdtMode, software_event_delivery};
+    let mut g = TinyGuest::new(|a| a.hlt()).expect("KVM guest");
+    g.install_idt(&[(0x30, HANDLER_ADDR)]).expect("idt");
+    let mem = g.mem.clone();
+    let int = InterruptionInfo::software_interrupt(0x30);
+    let mut unchecked = || inject(&mut g.vcpu, int, 0, 2).expect("inject");
+    let mut group = c.benchmark_group("software_interrupt_injection");
+    group.bench_function("inject_unchecked", |b| b.iter(&mut unchecked));
+    let mut checked = || {
+        inject_through_idt(&mut g.vcpu, int, 0, 2, |v, a, buf| {
+            v.read_guest_linear(&mem, a, buf)
+        })
+        .expect("inject")
+    };
+    group.bench_function("inject_through_idt", |b| b.iter(&mut checked));
+    let ctx = DeliveryContext::new(
+        IdtMode::Long,
+        3,
+        vmkit_vcpu::vmcs::DescriptorTable {
+            base: 0x1000,
+            limit: 0xfff,
+        },
+    );
+    let mut gate = [0u8; 16];
+    gate[5] = 0xee;
+    group.bench_function("gate_checks_only", |b| {
+        b.iter(|| {
+            software_event_delivery(black_box(int), black_box(&ctx), |_, buf| {
+                buf.copy_from_slice(&gate);
+                true
+            })
+        })
+    });
+    group.finish();
+    const M: u32 = 2000;
+    let (mut tu, mut tc) = (f64::MAX, f64::MAX);
+    for _ in 0..5 {
+        let t = Instant::now();
+        for _ in 0..M {
+            inject(&mut g.vcpu, int, 0, 2).expect("inject");
+        }
+        tu = tu.min(t.elapsed().as_secs_f64() * 1e9 / M as f64);
+        let t = Instant::now();
+        for _ in 0..M {
+            inject_through_idt(&mut g.vcpu, int, 0, 2, |v, a, buf| {
+                v.read_guest_linear(&mem, a, buf)
+            })
+            .expect("inject");
+        }
+        tc = tc.min(t.elapsed().as_secs_f64() * 1e9 / M as f64);
+    }
+    eprintln!(
+        "software interrupt injection: events::inject {tu:.0} ns, inject_through_idt {tc:.0} ns \
+         (ratio {:.3})",
+        tc / tu
+    );
+}
+
+criterion_group!(exit, synthetic, benches, injection);
 criterion_main!(exit);
