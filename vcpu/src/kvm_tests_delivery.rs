@@ -1,10 +1,12 @@
 //! KVM tests of software-event injection through the IDT checks (gate DPL at CPL 3, present
 //! bit, EXT of the error code; tiny guests, names start with `kvm_`).
 //!
-//! The guest sits at CPL 3 at [`CODE_ADDR`] (user pages, ring-3 CS/SS, TSS RSP0 =
-//! [`STACK_TOP`]); the VMM injects before the first entry. Handlers run at ring 0 and report
-//! what the CPU pushed with `out`, then `hlt`.
+//! The guest sits at CPL 3 (or 0) at [`CODE_ADDR`] — in 64-bit mode with user pages, ring-3
+//! CS/SS and TSS RSP0 = [`STACK_TOP`], or in 32-bit protected mode without paging with 8-byte
+//! gates and a 32-bit TSS — and the VMM injects before the first entry. Handlers run at ring 0
+//! and report what the CPU pushed with `out`, then `hlt`.
 
+use iced_x86::IcedError;
 use iced_x86::code_asm::*;
 
 use crate::events::inject_through_idt;
@@ -248,5 +250,182 @@ fn kvm_read_guest_linear_crosses_pages_and_refuses_unmapped() {
         EventDelivery::GateUnreadable {
             address: (5 << 30) + 0x300
         }
+    );
+}
+
+/// A 32-bit protected-mode guest without paging: GDT entries 0x28 (ring-0 code), 0x33 (ring-3
+/// code), 0x3b (ring-3 data) and a busy 32-bit TSS (0x40, at 0x600: ESP0 = STACK_TOP, SS0 =
+/// 0x10); 8-byte IDT gates to 32-bit handlers; CPL 3 or 0.
+fn protected_guest(cpl3: bool, gates: &[(u8, u64, u8)]) -> TinyGuest {
+    use crate::{Segment, VcpuRegisters, VcpuSpecialRegisters};
+    use vm_memory::{Bytes, GuestAddress};
+    const TSS: u64 = 0x600;
+    let mut g = TinyGuest::new(|a| a.hlt()).unwrap();
+    let load32 = |at: u64, f: &dyn Fn(&mut CodeAssembler) -> Result<(), IcedError>| {
+        let mut a = CodeAssembler::new(32).unwrap();
+        f(&mut a).unwrap();
+        g.mem
+            .write_slice(&a.assemble(at).unwrap(), GuestAddress(at))
+            .unwrap();
+    };
+    load32(FAULT_HANDLER, &|a| {
+        a.mov(eax, dword_ptr(esp))?;
+        a.out(0x91, eax)?;
+        a.mov(eax, dword_ptr(esp + 4))?;
+        a.out(0x92, eax)?;
+        a.mov(eax, dword_ptr(esp + 8))?;
+        a.out(0x93, eax)?;
+        a.mov(eax, esp)?;
+        a.out(0x96, eax)?;
+        a.hlt()
+    });
+    load32(EVENT_HANDLER, &|a| {
+        a.mov(eax, dword_ptr(esp))?;
+        a.out(0x94, eax)?;
+        a.mov(eax, dword_ptr(esp + 4))?;
+        a.out(0x95, eax)?;
+        a.mov(eax, esp)?;
+        a.out(0x96, eax)?;
+        a.hlt()
+    });
+    let flat = |selector: u16, type_: u8, dpl: u8| Segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        s: true,
+        dpl,
+        present: true,
+        avl: false,
+        l: false,
+        db: true,
+        g: true,
+    };
+    let code0 = flat(0x28, 0xb, 0);
+    let code3 = flat(0x33, 0xb, 3);
+    let data3 = flat(0x3b, 0x3, 3);
+    let data0 = flat(0x10, 0x3, 0);
+    let tss = Segment {
+        base: TSS,
+        limit: 0x67,
+        selector: 0x40,
+        type_: 0xb,
+        s: false,
+        dpl: 0,
+        present: true,
+        avl: false,
+        l: false,
+        db: false,
+        g: false,
+    };
+    let gdt = g.state.gdt_base;
+    for (i, s) in [code0, code3, data3, tss].iter().enumerate() {
+        g.mem
+            .write_obj(s.descriptor(), GuestAddress(gdt + 0x28 + i as u64 * 8))
+            .unwrap();
+    }
+    g.mem
+        .write_obj(STACK_TOP as u32, GuestAddress(TSS + 4))
+        .unwrap();
+    g.mem.write_obj(0x10u32, GuestAddress(TSS + 8)).unwrap();
+    for &(vector, h, attr) in gates {
+        let gate: u64 =
+            (h & 0xffff) | (0x28 << 16) | (attr as u64) << 40 | ((h >> 16) & 0xffff) << 48;
+        g.mem
+            .write_obj(
+                gate,
+                GuestAddress(crate::test_utils::IDT_ADDR + vector as u64 * 8),
+            )
+            .unwrap();
+    }
+    let mut sregs = g.vcpu.sregs().unwrap();
+    sregs.gdt.limit = 0x47;
+    sregs.idt.base = crate::test_utils::IDT_ADDR;
+    sregs.idt.limit = 256 * 8 - 1;
+    sregs.cr0 = 0x11 | 0x20; // PE, ET, NE
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    let (code, stack) = if cpl3 { (code3, data3) } else { (code0, data0) };
+    sregs.cs = code.to_kvm();
+    for s in [&mut sregs.ds, &mut sregs.es, &mut sregs.fs, &mut sregs.gs] {
+        *s = data0.to_kvm();
+    }
+    sregs.ss = stack.to_kvm();
+    sregs.tr = tss.to_kvm();
+    g.vcpu.set_sregs(&sregs).unwrap();
+    let mut regs = g.vcpu.regs().unwrap();
+    regs.rip = CODE_ADDR;
+    regs.rsp = if cpl3 { USER_STACK } else { STACK_TOP };
+    regs.rflags = 2;
+    g.vcpu.set_regs(&regs).unwrap();
+    g
+}
+
+#[test]
+fn kvm_protected_mode_int_checks_8_byte_gates() {
+    // DPL-0 gate: #GP(0x30·8 + 2) with the INT's own EIP, from CS 0x33, on the ESP0 stack.
+    let mut g = protected_guest(
+        true,
+        &[
+            (0x30, EVENT_HANDLER, GATE_DPL0),
+            (13, FAULT_HANDLER, GATE_DPL0),
+        ],
+    );
+    let d = inject(&mut g, InterruptionInfo::software_interrupt(0x30));
+    assert!(
+        matches!(d, EventDelivery::Fault(f) if f.reason == GateFaultReason::Privilege && f.error_code == 0x182),
+        "{d:?}"
+    );
+    assert_eq!(
+        run(&mut g),
+        [
+            (0x91, 0x182),
+            (0x92, CODE_ADDR as u32),
+            (0x93, 0x33),
+            (0x96, (STACK_TOP - 6 * 4) as u32),
+        ]
+    );
+    // DPL-3 gate: the handler runs with EIP + 2 pushed.
+    let mut g = protected_guest(
+        true,
+        &[
+            (0x30, EVENT_HANDLER, GATE_DPL3),
+            (13, FAULT_HANDLER, GATE_DPL0),
+        ],
+    );
+    let d = inject(&mut g, InterruptionInfo::software_interrupt(0x30));
+    assert!(
+        matches!(d, EventDelivery::Delivered(gate) if gate.dpl == 3),
+        "{d:?}"
+    );
+    assert_eq!(
+        run(&mut g),
+        [
+            (0x94, CODE_ADDR as u32 + 2),
+            (0x95, 0x33),
+            (0x96, (STACK_TOP - 5 * 4) as u32),
+        ]
+    );
+    // CPL 0, gate not present: #NP(0x182) on the same stack.
+    let mut g = protected_guest(
+        false,
+        &[
+            (0x30, EVENT_HANDLER, GATE_DPL0 & 0x7f),
+            (11, FAULT_HANDLER, GATE_DPL0),
+        ],
+    );
+    let d = inject(&mut g, InterruptionInfo::software_interrupt(0x30));
+    assert!(
+        matches!(d, EventDelivery::Fault(f) if f.vector == 11 && f.error_code == 0x182),
+        "{d:?}"
+    );
+    assert_eq!(
+        run(&mut g),
+        [
+            (0x91, 0x182),
+            (0x92, CODE_ADDR as u32),
+            (0x93, 0x28),
+            (0x96, (STACK_TOP - 4 * 4) as u32),
+        ]
     );
 }
