@@ -1,7 +1,7 @@
 //! The PCI root bus (bus 0): configuration mechanism #1 ([`PciConfigIo`], ports 0xCF8/0xCFC
 //! per PCI Local Bus spec 3.0 §3.2.2.3.2), ECAM ([`PciEcam`], PCIe base spec §7.2.2) and BAR
 //! mapping: after every config write the root re-reads the function's decoded BARs and inserts,
-//! relocates or removes their ranges on the VM's PIO/MMIO [`Bus`](crate::Bus)es.
+//! relocates or removes their ranges on the VM's PIO/MMIO [`Bus`]es.
 //!
 //! Accesses that are not 1, 2 or 4 bytes naturally aligned, or that name a bus other than 0, are
 //! ignored (reads all-ones) and counted; so are accesses to absent functions.
