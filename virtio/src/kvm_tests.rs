@@ -333,6 +333,34 @@ fn kvm_doorbell_ioeventfd_follows_bar_relocation() {
     msix_rng_guest(Some(0xd100_0000));
 }
 
+/// The driver side of virtio 1.2 §3.1.1 for virtio-rng, through the common configuration at
+/// `rsi`: VERSION_1, queue 0 with 16 entries at DESC/AVAIL/USED (on MSI-X vector
+/// `msix_vector` when given), DRIVER_OK; then descriptor 0 as a 16-byte device-writable buffer
+/// at BUF (not yet published).
+fn bring_up_rng_queue(a: &mut CodeAssembler, msix_vector: Option<u16>) -> Result<(), IcedError> {
+    a.mov(byte_ptr(rsi + 0x14), 1u32)?; // ACKNOWLEDGE
+    a.mov(byte_ptr(rsi + 0x14), 3u32)?; // DRIVER
+    a.mov(dword_ptr(rsi + 0x08), 1u32)?; // driver_feature_select = 1
+    a.mov(dword_ptr(rsi + 0x0c), 1u32)?; // VIRTIO_F_VERSION_1
+    a.mov(byte_ptr(rsi + 0x14), 0xbu32)?; // FEATURES_OK
+    a.mov(word_ptr(rsi + 0x16), 0u32)?; // queue_select
+    a.mov(word_ptr(rsi + 0x18), 16u32)?; // queue_size
+    for (off, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
+        a.mov(dword_ptr(rsi + off), addr as u32)?;
+        a.mov(dword_ptr(rsi + off + 4), 0u32)?;
+    }
+    if let Some(v) = msix_vector {
+        a.mov(word_ptr(rsi + 0x1a), u32::from(v))?; // queue_msix_vector
+    }
+    a.mov(word_ptr(rsi + 0x1c), 1u32)?; // queue_enable
+    a.mov(byte_ptr(rsi + 0x14), 0xfu32)?; // DRIVER_OK
+    a.mov(rdi, DESC)?;
+    a.mov(rax, BUF)?;
+    a.mov(qword_ptr(rdi), rax)?;
+    a.mov(dword_ptr(rdi + 8), 16u32)?;
+    a.mov(word_ptr(rdi + 12), 2u32) // VRING_DESC_F_WRITE
+}
+
 fn msix_rng_guest(relocate_to: Option<u64>) {
     const VECTOR: u32 = 0x41;
     const BAR: u64 = 0xd000_0000;
@@ -368,27 +396,8 @@ fn msix_rng_guest(relocate_to: Option<u64>) {
             a.mov(dword_ptr(rsi + e + 4), 0u32)?;
             a.mov(dword_ptr(rsi + e + 8), VECTOR)?;
             a.mov(dword_ptr(rsi + e + 12), 0u32)?; // unmask
-            // virtio 1.2 §3.1.1 through the common configuration.
-            a.mov(byte_ptr(rsi + 0x14), 1u32)?; // ACKNOWLEDGE
-            a.mov(byte_ptr(rsi + 0x14), 3u32)?; // DRIVER
-            a.mov(dword_ptr(rsi + 0x08), 1u32)?; // driver_feature_select = 1
-            a.mov(dword_ptr(rsi + 0x0c), 1u32)?; // VIRTIO_F_VERSION_1
-            a.mov(byte_ptr(rsi + 0x14), 0xbu32)?; // FEATURES_OK
-            a.mov(word_ptr(rsi + 0x16), 0u32)?; // queue_select
-            a.mov(word_ptr(rsi + 0x18), 16u32)?; // queue_size
-            for (off, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
-                a.mov(dword_ptr(rsi + off), addr as u32)?;
-                a.mov(dword_ptr(rsi + off + 4), 0u32)?;
-            }
-            a.mov(word_ptr(rsi + 0x1a), 1u32)?; // queue_msix_vector
-            a.mov(word_ptr(rsi + 0x1c), 1u32)?; // queue_enable
-            a.mov(byte_ptr(rsi + 0x14), 0xfu32)?; // DRIVER_OK
-            // Descriptor 0: a 16-byte device-writable buffer; publish it.
-            a.mov(rdi, DESC)?;
-            a.mov(rax, BUF)?;
-            a.mov(qword_ptr(rdi), rax)?;
-            a.mov(dword_ptr(rdi + 8), 16u32)?;
-            a.mov(word_ptr(rdi + 12), 2u32)?; // VRING_DESC_F_WRITE
+            bring_up_rng_queue(a, Some(1))?;
+            // Publish descriptor 0.
             a.mov(rdi, AVAIL)?;
             a.mov(word_ptr(rdi + 4), 0u32)?;
             a.mov(word_ptr(rdi + 2), 1u32)?;
@@ -640,27 +649,9 @@ fn kvm_intx_interrupt_through_the_ioapic() {
             a.mov(r9d, 4u32)?;
             a.call(hex)?;
             puts(a, " ")?;
-            // virtio 1.2 §3.1.1 through the common configuration; no MSI-X vectors.
+            // No MSI-X vectors: notifications take INTx. Descriptor 0 is offered twice.
             a.mov(rsi, BAR)?;
-            a.mov(byte_ptr(rsi + 0x14), 1u32)?; // ACKNOWLEDGE
-            a.mov(byte_ptr(rsi + 0x14), 3u32)?; // DRIVER
-            a.mov(dword_ptr(rsi + 0x08), 1u32)?; // driver_feature_select = 1
-            a.mov(dword_ptr(rsi + 0x0c), 1u32)?; // VIRTIO_F_VERSION_1
-            a.mov(byte_ptr(rsi + 0x14), 0xbu32)?; // FEATURES_OK
-            a.mov(word_ptr(rsi + 0x16), 0u32)?; // queue_select
-            a.mov(word_ptr(rsi + 0x18), 16u32)?; // queue_size
-            for (off, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
-                a.mov(dword_ptr(rsi + off), addr as u32)?;
-                a.mov(dword_ptr(rsi + off + 4), 0u32)?;
-            }
-            a.mov(word_ptr(rsi + 0x1c), 1u32)?; // queue_enable
-            a.mov(byte_ptr(rsi + 0x14), 0xfu32)?; // DRIVER_OK
-            // Descriptor 0: a 16-byte device-writable buffer, offered twice.
-            a.mov(rdi, DESC)?;
-            a.mov(rax, BUF)?;
-            a.mov(qword_ptr(rdi), rax)?;
-            a.mov(dword_ptr(rdi + 8), 16u32)?;
-            a.mov(word_ptr(rdi + 12), 2u32)?; // VRING_DESC_F_WRITE
+            bring_up_rng_queue(a, None)?;
             a.sti()?;
             for n in 1..=2u32 {
                 a.mov(rdi, AVAIL)?;
