@@ -78,6 +78,27 @@ fn inject(g: &mut TinyGuest, info: InterruptionInfo) -> EventDelivery {
     .unwrap()
 }
 
+/// The gates of a scenario: `vector` to the event handler with `attr`, and `fault` (#GP 13 or
+/// #NP 11) to the fault handler through a DPL-0 gate.
+fn gates(vector: u8, attr: u8, fault: u8) -> [(u8, u64, u8); 2] {
+    [
+        (vector, EVENT_HANDLER, attr),
+        (fault, FAULT_HANDLER, GATE_DPL0),
+    ]
+}
+
+/// Inject `info` through the IDT checks, check their decision with `decided`, run the guest to
+/// its `hlt` and return what the handler reported.
+fn inject_and_run(
+    g: &mut TinyGuest,
+    info: InterruptionInfo,
+    decided: impl FnOnce(&EventDelivery) -> bool,
+) -> Vec<(u16, u32)> {
+    let d = inject(g, info);
+    assert!(decided(&d), "{d:?}");
+    run(g)
+}
+
 /// The handler ran at ring 0 on the RSP0 stack: `frame` qwords were pushed there.
 fn ring0_rsp(frame: u64) -> u32 {
     (STACK_TOP - frame * 8) as u32
@@ -85,25 +106,17 @@ fn ring0_rsp(frame: u64) -> u32 {
 
 #[test]
 fn kvm_ring3_int_through_dpl0_gate_raises_gp() {
-    let mut g = guest(
-        true,
-        &[
-            (0x30, EVENT_HANDLER, GATE_DPL0),
-            (13, FAULT_HANDLER, GATE_DPL0),
-        ],
-    );
-    let d = inject(&mut g, InterruptionInfo::software_interrupt(0x30));
-    assert_eq!(
-        d,
-        EventDelivery::Fault(GateFault {
+    let mut g = guest(true, &gates(0x30, GATE_DPL0, 13));
+    let report = inject_and_run(&mut g, InterruptionInfo::software_interrupt(0x30), |d| {
+        *d == EventDelivery::Fault(GateFault {
             vector: 13,
             error_code: 0x30 * 8 + 2,
             reason: GateFaultReason::Privilege,
         })
-    );
+    });
     // #GP(0x182) from ring 3, at the INT itself (RIP not advanced).
     assert_eq!(
-        run(&mut g),
+        report,
         [
             (0x91, 0x182),
             (0x92, CODE_ADDR as u32),
@@ -115,20 +128,14 @@ fn kvm_ring3_int_through_dpl0_gate_raises_gp() {
 
 #[test]
 fn kvm_ring3_int_through_dpl3_gate_runs_handler() {
-    let mut g = guest(
-        true,
-        &[
-            (0x30, EVENT_HANDLER, GATE_DPL3),
-            (13, FAULT_HANDLER, GATE_DPL0),
-        ],
-    );
-    let d = inject(&mut g, InterruptionInfo::software_interrupt(0x30));
-    assert!(
-        matches!(d, EventDelivery::Delivered(gate) if gate.dpl == 3),
-        "{d:?}"
+    let mut g = guest(true, &gates(0x30, GATE_DPL3, 13));
+    let report = inject_and_run(
+        &mut g,
+        InterruptionInfo::software_interrupt(0x30),
+        |d| matches!(d, EventDelivery::Delivered(gate) if gate.dpl == 3),
     );
     assert_eq!(
-        run(&mut g),
+        report,
         [
             (0x94, CODE_ADDR as u32 + 2),
             (0x95, USER_CS as u32),
@@ -141,13 +148,7 @@ fn kvm_ring3_int_through_dpl3_gate_runs_handler() {
 fn kvm_ring3_int3_is_privilege_checked_int1_is_not() {
     // INT3 (software exception) through a DPL-0 gate: #GP(3·8 + 2), loaded with
     // Vmcs::apply_through_idt.
-    let mut g = guest(
-        true,
-        &[
-            (3, EVENT_HANDLER, GATE_DPL0),
-            (13, FAULT_HANDLER, GATE_DPL0),
-        ],
-    );
+    let mut g = guest(true, &gates(3, GATE_DPL0, 13));
     let mut vmcs = Vmcs::read_from(&g.vcpu).unwrap();
     vmcs.inject(
         InterruptionInfo::new(3, InterruptionType::SoftwareException, false),
@@ -172,13 +173,7 @@ fn kvm_ring3_int3_is_privilege_checked_int1_is_not() {
         ]
     );
     // INT1 (privileged software exception) through a DPL-0 gate: delivered.
-    let mut g = guest(
-        true,
-        &[
-            (1, EVENT_HANDLER, GATE_DPL0),
-            (13, FAULT_HANDLER, GATE_DPL0),
-        ],
-    );
+    let mut g = guest(true, &gates(1, GATE_DPL0, 13));
     let d = inject(
         &mut g,
         InterruptionInfo::new(1, InterruptionType::PrivilegedSoftwareException, false),
@@ -200,21 +195,15 @@ fn kvm_not_present_gate_raises_np_without_ext() {
     // event like an external interrupt: this software KVM (PVM) then pushes the advanced RIP
     // (0x10_0002, seen with the unchecked `events::inject`), and on VMX the #NP would carry
     // EXT (0x183).
-    let mut g = guest(
-        false,
-        &[
-            (0x30, EVENT_HANDLER, GATE_DPL0 & 0x7f),
-            (11, FAULT_HANDLER, GATE_DPL0),
-        ],
-    );
-    let d = inject(&mut g, InterruptionInfo::software_interrupt(0x30));
-    assert!(
-        matches!(d, EventDelivery::Fault(f) if f.vector == 11 && f.error_code == 0x182),
-        "{d:?}"
+    let mut g = guest(false, &gates(0x30, GATE_DPL0 & 0x7f, 11));
+    let report = inject_and_run(
+        &mut g,
+        InterruptionInfo::software_interrupt(0x30),
+        |d| matches!(d, EventDelivery::Fault(f) if f.vector == 11 && f.error_code == 0x182),
     );
     // Same privilege level: no stack switch, the frame sits on the guest's own stack.
     assert_eq!(
-        run(&mut g),
+        report,
         [
             (0x91, 0x182),
             (0x92, CODE_ADDR as u32),
@@ -364,20 +353,14 @@ fn protected_guest(cpl3: bool, gates: &[(u8, u64, u8)]) -> TinyGuest {
 #[test]
 fn kvm_protected_mode_int_checks_8_byte_gates() {
     // DPL-0 gate: #GP(0x30·8 + 2) with the INT's own EIP, from CS 0x33, on the ESP0 stack.
-    let mut g = protected_guest(
-        true,
-        &[
-            (0x30, EVENT_HANDLER, GATE_DPL0),
-            (13, FAULT_HANDLER, GATE_DPL0),
-        ],
-    );
-    let d = inject(&mut g, InterruptionInfo::software_interrupt(0x30));
-    assert!(
-        matches!(d, EventDelivery::Fault(f) if f.reason == GateFaultReason::Privilege && f.error_code == 0x182),
-        "{d:?}"
+    let mut g = protected_guest(true, &gates(0x30, GATE_DPL0, 13));
+    let report = inject_and_run(
+        &mut g,
+        InterruptionInfo::software_interrupt(0x30),
+        |d| matches!(d, EventDelivery::Fault(f) if f.reason == GateFaultReason::Privilege && f.error_code == 0x182),
     );
     assert_eq!(
-        run(&mut g),
+        report,
         [
             (0x91, 0x182),
             (0x92, CODE_ADDR as u32),
@@ -386,20 +369,14 @@ fn kvm_protected_mode_int_checks_8_byte_gates() {
         ]
     );
     // DPL-3 gate: the handler runs with EIP + 2 pushed.
-    let mut g = protected_guest(
-        true,
-        &[
-            (0x30, EVENT_HANDLER, GATE_DPL3),
-            (13, FAULT_HANDLER, GATE_DPL0),
-        ],
-    );
-    let d = inject(&mut g, InterruptionInfo::software_interrupt(0x30));
-    assert!(
-        matches!(d, EventDelivery::Delivered(gate) if gate.dpl == 3),
-        "{d:?}"
+    let mut g = protected_guest(true, &gates(0x30, GATE_DPL3, 13));
+    let report = inject_and_run(
+        &mut g,
+        InterruptionInfo::software_interrupt(0x30),
+        |d| matches!(d, EventDelivery::Delivered(gate) if gate.dpl == 3),
     );
     assert_eq!(
-        run(&mut g),
+        report,
         [
             (0x94, CODE_ADDR as u32 + 2),
             (0x95, 0x33),
@@ -407,20 +384,14 @@ fn kvm_protected_mode_int_checks_8_byte_gates() {
         ]
     );
     // CPL 0, gate not present: #NP(0x182) on the same stack.
-    let mut g = protected_guest(
-        false,
-        &[
-            (0x30, EVENT_HANDLER, GATE_DPL0 & 0x7f),
-            (11, FAULT_HANDLER, GATE_DPL0),
-        ],
-    );
-    let d = inject(&mut g, InterruptionInfo::software_interrupt(0x30));
-    assert!(
-        matches!(d, EventDelivery::Fault(f) if f.vector == 11 && f.error_code == 0x182),
-        "{d:?}"
+    let mut g = protected_guest(false, &gates(0x30, GATE_DPL0 & 0x7f, 11));
+    let report = inject_and_run(
+        &mut g,
+        InterruptionInfo::software_interrupt(0x30),
+        |d| matches!(d, EventDelivery::Fault(f) if f.vector == 11 && f.error_code == 0x182),
     );
     assert_eq!(
-        run(&mut g),
+        report,
         [
             (0x91, 0x182),
             (0x92, CODE_ADDR as u32),
