@@ -25,6 +25,27 @@ const EVENT_HANDLER: u64 = HANDLER_ADDR + 0x100;
 /// User stack (the handlers run on RSP0 = STACK_TOP instead).
 const USER_STACK: u64 = DATA_ADDR + 0x1000;
 
+/// A handler body for a `bits`-bit guest: the stack slots from the top of the interrupt frame
+/// go out on `ports` in turn (low 32 bits each), then the stack pointer on 0x96; then `hlt`.
+fn report_frame(a: &mut CodeAssembler, bits: u32, ports: &[u16]) -> Result<(), IcedError> {
+    for (i, &port) in ports.iter().enumerate() {
+        if bits == 64 {
+            a.mov(rax, qword_ptr(rsp + 8 * i))?;
+        } else {
+            a.mov(eax, dword_ptr(esp + 4 * i))?;
+        }
+        a.mov(dx, u32::from(port))?;
+        a.out(dx, eax)?;
+    }
+    if bits == 64 {
+        a.mov(rax, rsp)?;
+    } else {
+        a.mov(eax, esp)?;
+    }
+    a.out(0x96, eax)?;
+    a.hlt()
+}
+
 fn guest(cpl3: bool, gates: &[(u8, u64, u8)]) -> TinyGuest {
     // The ring-3 program itself never runs: the injected event is delivered at the first entry.
     let mut g = TinyGuest::with_user_pages(|a| {
@@ -33,28 +54,10 @@ fn guest(cpl3: bool, gates: &[(u8, u64, u8)]) -> TinyGuest {
         a.hlt()
     })
     .unwrap();
-    g.load(FAULT_HANDLER, |a| {
-        a.mov(rax, qword_ptr(rsp))?;
-        a.out(0x91, eax)?;
-        a.mov(rax, qword_ptr(rsp + 8))?;
-        a.out(0x92, eax)?;
-        a.mov(rax, qword_ptr(rsp + 16))?;
-        a.out(0x93, eax)?;
-        a.mov(rax, rsp)?;
-        a.out(0x96, eax)?;
-        a.hlt()
-    })
-    .unwrap();
-    g.load(EVENT_HANDLER, |a| {
-        a.mov(rax, qword_ptr(rsp))?;
-        a.out(0x94, eax)?;
-        a.mov(rax, qword_ptr(rsp + 8))?;
-        a.out(0x95, eax)?;
-        a.mov(rax, rsp)?;
-        a.out(0x96, eax)?;
-        a.hlt()
-    })
-    .unwrap();
+    g.load(FAULT_HANDLER, |a| report_frame(a, 64, &[0x91, 0x92, 0x93]))
+        .unwrap();
+    g.load(EVENT_HANDLER, |a| report_frame(a, 64, &[0x94, 0x95]))
+        .unwrap();
     g.install_gates(gates).unwrap();
     if cpl3 {
         g.enter_ring3(CODE_ADDR, USER_STACK).unwrap();
@@ -257,26 +260,8 @@ fn protected_guest(cpl3: bool, gates: &[(u8, u64, u8)]) -> TinyGuest {
             .write_slice(&a.assemble(at).unwrap(), GuestAddress(at))
             .unwrap();
     };
-    load32(FAULT_HANDLER, &|a| {
-        a.mov(eax, dword_ptr(esp))?;
-        a.out(0x91, eax)?;
-        a.mov(eax, dword_ptr(esp + 4))?;
-        a.out(0x92, eax)?;
-        a.mov(eax, dword_ptr(esp + 8))?;
-        a.out(0x93, eax)?;
-        a.mov(eax, esp)?;
-        a.out(0x96, eax)?;
-        a.hlt()
-    });
-    load32(EVENT_HANDLER, &|a| {
-        a.mov(eax, dword_ptr(esp))?;
-        a.out(0x94, eax)?;
-        a.mov(eax, dword_ptr(esp + 4))?;
-        a.out(0x95, eax)?;
-        a.mov(eax, esp)?;
-        a.out(0x96, eax)?;
-        a.hlt()
-    });
+    load32(FAULT_HANDLER, &|a| report_frame(a, 32, &[0x91, 0x92, 0x93]));
+    load32(EVENT_HANDLER, &|a| report_frame(a, 32, &[0x94, 0x95]));
     let flat = |selector: u16, type_: u8, dpl: u8| Segment {
         base: 0,
         limit: 0xffff_ffff,
