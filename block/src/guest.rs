@@ -18,11 +18,6 @@ pub(crate) fn check<M: GuestMemory + ?Sized>(
     mem.check_range(addr, len, perm)
 }
 
-/// Fill `buf` from guest memory at `addr`.
-pub(crate) fn read<M: GuestMemory + ?Sized>(mem: &M, buf: &mut [u8], addr: GuestAddress) -> bool {
-    mem.read_slice(buf, addr).is_ok()
-}
-
 /// Read a `T` at `addr`: one volatile load when the object lies in one memory slice (the usual
 /// case), vm-memory's copy otherwise. `None` when it is not all in guest memory.
 pub(crate) fn read_obj<M: GuestMemory + ?Sized, T: ByteValued>(

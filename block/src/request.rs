@@ -506,10 +506,11 @@ fn discard_segments<M: GuestMemory + ?Sized>(
                 .addr()
                 .checked_add(u64::from(i * VIRTIO_BLK_DISCARD_WRITE_ZEROES_SIZE))
                 .ok_or(RequestError::DataOutsideMemory)?;
-            let mut raw = [0u8; VIRTIO_BLK_DISCARD_WRITE_ZEROES_SIZE as usize];
-            if !crate::guest::read(mem, &mut raw, addr) {
-                return Err(RequestError::DataOutsideMemory);
-            }
+            let raw = crate::guest::read_obj::<
+                _,
+                [u8; VIRTIO_BLK_DISCARD_WRITE_ZEROES_SIZE as usize],
+            >(mem, addr)
+            .ok_or(RequestError::DataOutsideMemory)?;
             let sector = u64::from_le_bytes([
                 raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
             ]);
