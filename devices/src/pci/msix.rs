@@ -194,6 +194,18 @@ struct State {
     stats: MsixStats,
 }
 
+impl State {
+    /// `v` is masked by its mask bit or the function mask; out-of-range vectors count as masked.
+    fn masked(&self, v: usize) -> bool {
+        self.function_mask || self.table.get(v).is_none_or(Entry::masked)
+    }
+
+    /// A message for `v` would be sent now: MSI-X enabled and `v` not masked.
+    fn deliverable(&self, v: usize) -> bool {
+        self.enabled && !self.masked(v)
+    }
+}
+
 struct Shared {
     config: MsixConfig,
     sink: Arc<dyn MsiSink>,
@@ -286,8 +298,7 @@ impl Msix {
     /// Whether `vector` is masked (by its mask bit or the function mask); out-of-range vectors
     /// count as masked.
     pub fn masked(&self, vector: u16) -> bool {
-        let s = self.lock();
-        s.function_mask || s.table.get(vector as usize).is_none_or(Entry::masked)
+        self.lock().masked(vector as usize)
     }
 
     /// Whether `vector`'s pending bit is set (after folding in what its detached irqfd
@@ -449,7 +460,7 @@ impl Msix {
             s.stats.dropped += 1;
             return Ok(());
         }
-        if s.function_mask || entry.masked() {
+        if s.masked(v) {
             set_pending(&mut s, v, true);
             s.stats.pended += 1;
             return Ok(());
@@ -502,7 +513,7 @@ impl Msix {
     /// Attach `v`'s irqfd to KVM exactly while the vector is deliverable (sinks with
     /// [`IrqfdControl`](crate::msi::IrqfdControl) only).
     fn sync_irqfd(&self, s: &mut State, v: usize) {
-        let want = s.enabled && !s.function_mask && s.table.get(v).is_some_and(|e| !e.masked());
+        let want = s.deliverable(v);
         let Some(ctl) = self.0.sink.irqfd_control() else {
             return;
         };
@@ -526,7 +537,7 @@ impl Msix {
         let Some(entry) = s.table.get(v).copied() else {
             return;
         };
-        if s.enabled && !s.function_mask && !entry.masked() && pending_bit(s, v) {
+        if s.deliverable(v) && pending_bit(s, v) {
             set_pending(s, v, false);
             if self.deliver(s, v, entry.message()).is_err() {
                 s.stats.delivery_errors += 1;
