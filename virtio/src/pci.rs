@@ -436,12 +436,10 @@ where
     }
 
     /// Tell the INTx state about the MSI-X enable and Interrupt Disable bits (after a
-    /// configuration write).
+    /// configuration write; a no-op without a line).
     fn sync_intx(&self) {
-        if self.intx.wired() {
-            self.intx
-                .config_changed(self.msix.enabled(), self.intx_disabled());
-        }
+        self.intx
+            .config_changed(self.msix.enabled(), self.intx_disabled());
     }
 
     /// Whether the INTx line is asserted now (always false without a line).
