@@ -73,6 +73,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::kvm_ext::read_guest_state;
+use crate::kvm_map::KvmGuestState;
 use crate::vmcs::delivery::EventDelivery;
 use crate::vmcs::{InterruptionInfo, Vmcs};
 use crate::{Error, VcpuGuestState, VcpuInterruptWindow};
@@ -87,13 +88,28 @@ pub fn inject<V: VcpuGuestState + ?Sized>(
     error_code: u32,
     instruction_length: u32,
 ) -> Result<(), Error> {
+    inject_mapped(vcpu, info, error_code, instruction_length, |vmcs, _| {
+        Ok((vmcs.to_kvm()?, ()))
+    })
+}
+
+/// Read the vCPU's state, add the event, map it with `map` and write back what injection
+/// changes: the registers (RIP advanced past a software event) and the vCPU events.
+fn inject_mapped<V: VcpuGuestState + ?Sized, R>(
+    vcpu: &mut V,
+    info: InterruptionInfo,
+    error_code: u32,
+    instruction_length: u32,
+    map: impl FnOnce(&Vmcs, &V) -> Result<(KvmGuestState, R), Error>,
+) -> Result<R, Error> {
     let mut vmcs = Vmcs::from_kvm(&read_guest_state(vcpu)?);
     vmcs.inject(info, error_code, instruction_length);
-    let k = vmcs.to_kvm()?;
+    let (k, r) = map(&vmcs, vcpu)?;
     if info.kind.is_software() {
         vcpu.set_regs(&k.regs)?;
     }
-    vcpu.set_vcpu_events(&k.events)
+    vcpu.set_vcpu_events(&k.events)?;
+    Ok(r)
 }
 
 /// [`inject`] with the IDT checks of software-event delivery ([`crate::vmcs::delivery`]):
@@ -122,15 +138,9 @@ pub fn inject_through_idt<V: VcpuGuestState + ?Sized>(
     instruction_length: u32,
     read_gate: impl FnOnce(&V, u64, &mut [u8]) -> bool,
 ) -> Result<EventDelivery, Error> {
-    let mut vmcs = Vmcs::from_kvm(&read_guest_state(vcpu)?);
-    vmcs.inject(info, error_code, instruction_length);
-    let v: &V = vcpu;
-    let (k, delivery) = vmcs.to_kvm_through_idt(|a, buf| read_gate(v, a, buf))?;
-    if info.kind.is_software() {
-        vcpu.set_regs(&k.regs)?;
-    }
-    vcpu.set_vcpu_events(&k.events)?;
-    Ok(delivery)
+    inject_mapped(vcpu, info, error_code, instruction_length, |vmcs, v| {
+        Ok(vmcs.to_kvm_through_idt(|a, buf| read_gate(v, a, buf))?)
+    })
 }
 
 #[derive(Debug, Default)]
