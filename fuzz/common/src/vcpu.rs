@@ -362,19 +362,7 @@ mod tests {
 
     #[test]
     fn seed_corpus_is_current() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../corpus/vmcs");
-        for (name, data) in seeds() {
-            let path = dir.join(&name);
-            if std::env::var_os("VMKIT_WRITE_CORPUS").is_some() {
-                std::fs::create_dir_all(&dir).unwrap();
-                std::fs::write(&path, &data).unwrap();
-            }
-            assert_eq!(
-                std::fs::read(&path).ok(),
-                Some(data),
-                "{name}: run with VMKIT_WRITE_CORPUS=1"
-            );
-        }
+        crate::check_seed_files("vmcs", seeds());
     }
 
     #[test]
