@@ -160,15 +160,13 @@ impl SyncExecutor {
             RequestKind::In { sector, data } => {
                 let len = req.data_len();
                 self.transfer(mem, disk, data, sector << SECTOR_SHIFT, false)?;
-                metrics.reads += 1;
-                metrics.read_bytes += len;
+                metrics.count_read(len);
                 Ok(len as u32)
             }
             RequestKind::Out { sector, data } => {
                 let len = req.data_len();
                 self.transfer(mem, disk, data, sector << SECTOR_SHIFT, true)?;
-                metrics.writes += 1;
-                metrics.write_bytes += len;
+                metrics.count_write(len);
                 Ok(0)
             }
             RequestKind::Flush => {

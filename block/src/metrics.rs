@@ -86,6 +86,20 @@ impl BlockMetricsSnapshot {
             Some(_) => self.invalid_requests += 1,
         }
     }
+
+    /// Count a completed read of `bytes`.
+    #[inline]
+    pub(crate) fn count_read(&mut self, bytes: u64) {
+        self.reads += 1;
+        self.read_bytes += bytes;
+    }
+
+    /// Count a completed write of `bytes`.
+    #[inline]
+    pub(crate) fn count_write(&mut self, bytes: u64) {
+        self.writes += 1;
+        self.write_bytes += bytes;
+    }
 }
 
 impl BlockMetrics {

@@ -357,13 +357,11 @@ fn reap<M: GuestMemory>(
         let (status, used) = if d.ok {
             match d.kind {
                 OpKind::Read => {
-                    metrics.reads += 1;
-                    metrics.read_bytes += d.bytes;
+                    metrics.count_read(d.bytes);
                     (VIRTIO_BLK_S_OK, (d.bytes as u32).saturating_add(1))
                 }
                 OpKind::Write => {
-                    metrics.writes += 1;
-                    metrics.write_bytes += d.bytes;
+                    metrics.count_write(d.bytes);
                     (VIRTIO_BLK_S_OK, 1)
                 }
                 OpKind::Flush => {
