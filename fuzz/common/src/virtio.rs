@@ -604,7 +604,7 @@ mod tests {
     }
 
     /// The `pci_window_*` and `pci_intx` seeds of `corpus/virtio_pci/`: regenerate with
-    /// `cargo test -p vmkit-fuzz-common -- --ignored write_pci_window_seeds`.
+    /// `VMKIT_WRITE_CORPUS=1 cargo test -p vmkit-fuzz-common pci_window_seeds`.
     fn pci_window_seeds() -> Vec<(&'static str, Vec<PciOp>)> {
         let msix_ctrl = {
             let mem = vm_memory::GuestMemoryMmap::from_ranges(&[(
@@ -744,10 +744,6 @@ mod tests {
         ]
     }
 
-    fn seed_dir() -> std::path::PathBuf {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../corpus/virtio_pci")
-    }
-
     #[test]
     fn pci_window_seeds_decode_and_run() {
         for (name, ops) in pci_window_seeds() {
@@ -780,16 +776,11 @@ mod tests {
                 }
                 _ => assert_eq!(m.bad_register_accesses, 0, "{name}"),
             }
-            let committed = std::fs::read(seed_dir().join(name)).ok();
-            assert_eq!(committed.as_deref(), Some(&bytes[..]), "{name}: regenerate");
         }
-    }
-
-    #[test]
-    #[ignore = "writes corpus/virtio_pci/pci_window_* and pci_intx"]
-    fn write_pci_window_seeds() {
-        for (name, ops) in pci_window_seeds() {
-            std::fs::write(seed_dir().join(name), encode(&ops)).unwrap();
-        }
+        let files = pci_window_seeds()
+            .into_iter()
+            .map(|(name, ops)| (name.to_string(), encode(&ops)))
+            .collect();
+        crate::check_seed_files("virtio_pci", files);
     }
 }
