@@ -4,34 +4,15 @@
 //!
 //! These tests need `qemu-img` and `qemu-io` on PATH; they fail (never skip) without them.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
+use std::path::Path;
+
+use common::{ok, p, run};
 use vmkit_block::image::{self, DiskImage, ImageFormat, Qcow2Image, RawImage};
 use vmkit_block::test_utils::{TempImages, read_all};
 
 const SIZE: u64 = 4 << 20;
-
-fn run(cmd: &str, args: &[&str]) -> std::process::Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd} not runnable (install qemu-utils): {e}"))
-}
-
-fn ok(cmd: &str, args: &[&str]) {
-    let out = run(cmd, args);
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 /// A raw file with a recognisable, non-repeating pattern in some clusters and holes elsewhere.
 fn patterned_raw(path: &Path) -> Vec<u8> {

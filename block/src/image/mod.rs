@@ -5,9 +5,11 @@
 //! * [`qcow2::Qcow2Image`] — QEMU's copy-on-write format (L1/L2 tables, refcounts, zero and
 //!   zlib-compressed clusters, backing-file chains), through the `imago` crate.
 //!
-//! [`open`] picks the format from the file's first bytes (the qcow2 magic `QFI\xfb`).
+//! [`open`] picks the format from the file's first bytes (the qcow2 magic `QFI\xfb`);
+//! [`open_checked`] also runs [`qcow2_check::check`] on qcow2 images and refuses corrupt ones.
 
 pub mod qcow2;
+pub mod qcow2_check;
 pub mod raw;
 
 use std::io::{IoSlice, IoSliceMut};
@@ -44,6 +46,14 @@ pub enum ImageError {
     /// The image file is not a valid image of its format.
     #[error("invalid image")]
     Format(#[source] std::io::Error),
+    /// A checked open ([`open_checked`], [`Qcow2Image::open_checked`]) found the image's
+    /// metadata inconsistent: writing to it could overwrite metadata or shared clusters.
+    #[error(
+        "qcow2 metadata inconsistent: {} corruptions, {} check errors",
+        .0.corruptions,
+        .0.check_errors
+    )]
+    Inconsistent(Box<qcow2_check::CheckReport>),
 }
 
 /// Which on-disk format an image uses.
@@ -211,5 +221,24 @@ pub fn open(path: &Path, read_only: bool) -> Result<Box<dyn DiskImage>, ImageErr
     Ok(match detect_format(path)? {
         ImageFormat::Raw => Box::new(RawImage::open(path, read_only)?),
         ImageFormat::Qcow2 => Box::new(Qcow2Image::open(path, read_only)?),
+    })
+}
+
+/// [`open`], but a qcow2 image is first checked ([`Qcow2Image::open_checked`]) and refused
+/// with [`ImageError::Inconsistent`] when its metadata is corrupt. The check reads every L2
+/// table (see [`qcow2_check`]); use this for images from untrusted sources.
+///
+/// ```
+/// use vmkit_block::image::{self, DiskImage, Qcow2Image};
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("disk.qcow2");
+/// Qcow2Image::create(&path, 1 << 20, None).unwrap();
+/// let mut img = image::open_checked(&path, false).unwrap();
+/// img.write_at(b"hello", 512).unwrap();
+/// ```
+pub fn open_checked(path: &Path, read_only: bool) -> Result<Box<dyn DiskImage>, ImageError> {
+    Ok(match detect_format(path)? {
+        ImageFormat::Raw => Box::new(RawImage::open(path, read_only)?),
+        ImageFormat::Qcow2 => Box::new(Qcow2Image::open_checked(path, read_only)?),
     })
 }

@@ -18,6 +18,7 @@ use imago::{
     PermissiveImplicitOpenGate,
 };
 
+use super::qcow2_check::{self, CheckReport};
 use super::{DiskImage, ImageError, ImageFormat, check_range};
 
 /// Default qcow2 cluster size, as `qemu-img create` uses.
@@ -148,6 +149,63 @@ impl Qcow2Image {
             .open(DenyImplicitOpenGate::default())
             .map_err(ImageError::Format)?;
         Self::wrap(qcow2, path, read_only)
+    }
+
+    /// Check the image at `path` as `qemu-img check` does: [`qcow2_check::check`].
+    pub fn check(path: &Path) -> Result<CheckReport, ImageError> {
+        qcow2_check::check(path)
+    }
+
+    /// [`Qcow2Image::open`] after a consistency check ([`qcow2_check::check`]): an image with
+    /// corruptions (or refcounts that cannot be read) is refused with
+    /// [`ImageError::Inconsistent`], whether opened writable or not; leaks are allowed (they
+    /// only waste space).
+    ///
+    /// imago trusts the refcounts: where they call a referenced cluster free, a write can put
+    /// guest data over an L2 table or a refcount block. Use this (or
+    /// [`Qcow2Image::open_standalone_checked`]) for images from untrusted sources. The check
+    /// reads every L1 and L2 table and every refcount block (no guest data): a fraction of a
+    /// second for a fully allocated 1 GiB image (figures in the crate README).
+    ///
+    /// ```
+    /// use vmkit_block::image::{DiskImage, ImageError, Qcow2Image};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("disk.qcow2");
+    /// Qcow2Image::create(&path, 1 << 20, None).unwrap();
+    /// let mut img = Qcow2Image::open_checked(&path, false).unwrap();
+    /// img.write_at(&[1u8; 512], 0).unwrap();
+    /// img.flush().unwrap();
+    /// drop(img);
+    /// // Zero the refcount table's first entry: the metadata now claims nothing is in use.
+    /// use std::os::unix::fs::FileExt;
+    /// let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    /// let mut rt = [0u8; 8];
+    /// f.read_exact_at(&mut rt, 48).unwrap();
+    /// f.write_all_at(&[0u8; 8], u64::from_be_bytes(rt)).unwrap();
+    /// assert!(matches!(
+    ///     Qcow2Image::open_checked(&path, false),
+    ///     Err(ImageError::Inconsistent(r)) if r.corruptions > 0
+    /// ));
+    /// ```
+    pub fn open_checked(path: &Path, read_only: bool) -> Result<Self, ImageError> {
+        Self::require_consistent(path)?;
+        Self::open(path, read_only)
+    }
+
+    /// [`Qcow2Image::open_standalone`] after the consistency check of
+    /// [`Qcow2Image::open_checked`]: for untrusted images, opening nothing the image names.
+    pub fn open_standalone_checked(path: &Path, read_only: bool) -> Result<Self, ImageError> {
+        Self::require_consistent(path)?;
+        Self::open_standalone(path, read_only)
+    }
+
+    fn require_consistent(path: &Path) -> Result<(), ImageError> {
+        let report = qcow2_check::check(path)?;
+        if report.is_consistent() {
+            Ok(())
+        } else {
+            Err(ImageError::Inconsistent(Box::new(report)))
+        }
     }
 
     fn check_writable(&self, offset: u64, len: u64) -> Result<(), ImageError> {

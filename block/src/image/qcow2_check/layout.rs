@@ -1,0 +1,335 @@
+//! The header, its extensions, the snapshot table and the bitmap directory, read with the
+//! limits QEMU applies when it opens an image (`block/qcow2.c` `qcow2_do_open`): an image QEMU
+//! would not open is refused here with [`ImageError::Format`].
+
+use super::refs::{Src, be64_at};
+use crate::image::{ImageError, QCOW2_MAGIC};
+
+/// Largest L1 table QEMU accepts, in bytes (`QCOW_MAX_L1_SIZE`).
+pub(super) const QCOW_MAX_L1_SIZE: u64 = 32 << 20;
+/// Largest refcount table QEMU accepts, in bytes (`QCOW_MAX_REFTABLE_SIZE`).
+const QCOW_MAX_REFTABLE_SIZE: u64 = 8 << 20;
+/// Most internal snapshots (`QCOW_MAX_SNAPSHOTS`).
+const QCOW_MAX_SNAPSHOTS: u64 = 65536;
+/// Largest snapshot table, in bytes (`QCOW_MAX_SNAPSHOTS_SIZE`).
+const QCOW_MAX_SNAPSHOTS_SIZE: u64 = 1024 * QCOW_MAX_SNAPSHOTS;
+/// Largest extra data of one snapshot table entry (`QCOW_MAX_SNAPSHOT_EXTRA_DATA`).
+const QCOW_MAX_SNAPSHOT_EXTRA_DATA: u64 = 1024;
+/// Most persistent bitmaps (`QCOW2_MAX_BITMAPS`).
+const QCOW2_MAX_BITMAPS: u64 = 65535;
+/// Largest bitmap directory, in bytes (`QCOW2_MAX_BITMAP_DIRECTORY_SIZE`).
+const QCOW2_MAX_BITMAP_DIRECTORY_SIZE: u64 = 1024 * QCOW2_MAX_BITMAPS;
+/// Largest bitmap table, in entries (`BME_MAX_TABLE_SIZE`).
+const BME_MAX_TABLE_SIZE: u64 = 0x800_0000;
+
+/// Incompatible feature bits this check understands: dirty, corrupt, external data file,
+/// compression type, extended L2 entries (qcow2 specification, "incompatible_features").
+const KNOWN_INCOMPATIBLE: u64 = 0x1f;
+/// Incompatible feature bit 2: guest data lives in an external data file.
+const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+/// Incompatible feature bit 4: extended L2 entries (32 subclusters per cluster).
+const INCOMPAT_EXTL2: u64 = 1 << 4;
+/// Autoclear feature bit 0: the bitmaps extension is consistent.
+const AUTOCLEAR_BITMAPS: u64 = 1;
+/// `crypt_method` of LUKS encryption.
+const QCOW_CRYPT_LUKS: u32 = 2;
+
+/// Header extension types (qcow2 specification, "Header extensions").
+const EXT_END: u32 = 0;
+const EXT_BITMAPS: u32 = 0x2385_2875;
+const EXT_CRYPTO: u32 = 0x0537_be77;
+
+/// What the check needs from the header.
+pub(super) struct Header {
+    pub cluster_bits: u32,
+    pub l1_size: u64,
+    pub l1_table_offset: u64,
+    pub refcount_table_offset: u64,
+    pub refcount_table_clusters: u64,
+    pub nb_snapshots: u64,
+    pub snapshots_offset: u64,
+    pub refcount_order: u32,
+    pub data_file: bool,
+    pub extended_l2: bool,
+    /// The LUKS header's `(offset, length)`.
+    pub crypto: Option<(u64, u64)>,
+    /// The bitmap directory's `(offset, size, nb_bitmaps)`.
+    pub bitmaps: Option<(u64, u64, u64)>,
+}
+
+impl Header {
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+    /// Bytes of one L2 entry: 16 with extended L2 entries, else 8.
+    pub fn l2_entry_size(&self) -> u64 {
+        if self.extended_l2 { 16 } else { 8 }
+    }
+}
+
+pub(super) fn bad(why: &str) -> ImageError {
+    ImageError::Format(std::io::Error::other(format!("qcow2: {why}")))
+}
+
+/// Big-endian `u32` at `o` of `b` (zero where `b` is too short).
+fn be32_at(b: &[u8], o: usize) -> u32 {
+    let mut w = [0u8; 4];
+    if let Some(s) = b.get(o..o.saturating_add(4)) {
+        w.copy_from_slice(s);
+    }
+    u32::from_be_bytes(w)
+}
+
+/// Whether `offset` is a valid table offset for `bytes` of table (QEMU's
+/// `validate_table_offset`: no overflow, cluster aligned).
+fn table_ok(offset: u64, bytes: u64, cs: u64) -> bool {
+    offset
+        .checked_add(bytes)
+        .is_some_and(|e| e <= i64::MAX as u64)
+        && offset.is_multiple_of(cs)
+}
+
+/// Read and validate the header and its extensions.
+pub(super) fn header(src: &Src<'_>) -> Result<Header, ImageError> {
+    let mut h = [0u8; 112];
+    src.read(&mut h, 0)?;
+    if h[..4] != QCOW2_MAGIC {
+        return Err(bad("no qcow2 magic"));
+    }
+    let version = be32_at(&h, 4);
+    if version != 2 && version != 3 {
+        return Err(bad("unsupported version"));
+    }
+    let cluster_bits = be32_at(&h, 20);
+    if !(9..=21).contains(&cluster_bits) {
+        return Err(bad("cluster_bits out of range"));
+    }
+    let cs = 1u64 << cluster_bits;
+    let (incompat, autoclear, refcount_order, header_length) = if version == 3 {
+        (
+            be64_at(&h, 72),
+            be64_at(&h, 88),
+            be32_at(&h, 96),
+            u64::from(be32_at(&h, 100)),
+        )
+    } else {
+        (0, 0, 4, 72)
+    };
+    if version == 3 && (header_length < 104 || header_length > cs) {
+        return Err(bad("header_length out of range"));
+    }
+    if src.len < header_length {
+        return Err(bad("file shorter than its header"));
+    }
+    if incompat & !KNOWN_INCOMPATIBLE != 0 {
+        return Err(bad("unknown incompatible features"));
+    }
+    if refcount_order > 6 {
+        return Err(bad("refcount_order out of range"));
+    }
+    let extended_l2 = incompat & INCOMPAT_EXTL2 != 0;
+    if extended_l2 && cluster_bits < 14 {
+        return Err(bad("extended L2 entries need clusters of 16 KiB or more"));
+    }
+    let l1_size = u64::from(be32_at(&h, 36));
+    let l1_table_offset = be64_at(&h, 40);
+    if l1_size * 8 > QCOW_MAX_L1_SIZE || !table_ok(l1_table_offset, l1_size * 8, cs) {
+        return Err(bad("invalid L1 table"));
+    }
+    let size = be64_at(&h, 24);
+    let entry = if extended_l2 { 16 } else { 8 };
+    // Bytes one L1 entry maps: a cluster of L2 entries, each mapping a cluster.
+    let per_l1 = (cs / entry) << cluster_bits;
+    if size.div_ceil(per_l1) > l1_size {
+        return Err(bad("L1 table too small for the disk size"));
+    }
+    let refcount_table_clusters = u64::from(be32_at(&h, 56));
+    let refcount_table_offset = be64_at(&h, 48);
+    if refcount_table_clusters > QCOW_MAX_REFTABLE_SIZE / cs
+        || !table_ok(refcount_table_offset, refcount_table_clusters * cs, cs)
+    {
+        return Err(bad("invalid refcount table"));
+    }
+    let nb_snapshots = u64::from(be32_at(&h, 60));
+    let snapshots_offset = be64_at(&h, 64);
+    if nb_snapshots > QCOW_MAX_SNAPSHOTS || !table_ok(snapshots_offset, nb_snapshots * 40, cs) {
+        return Err(bad("invalid snapshot table"));
+    }
+    let backing_file_offset = be64_at(&h, 8);
+    if backing_file_offset > cs {
+        return Err(bad("invalid backing file offset"));
+    }
+    let mut out = Header {
+        cluster_bits,
+        l1_size,
+        l1_table_offset,
+        refcount_table_offset,
+        refcount_table_clusters,
+        nb_snapshots,
+        snapshots_offset,
+        refcount_order,
+        data_file: incompat & INCOMPAT_DATA_FILE != 0,
+        extended_l2,
+        crypto: None,
+        bitmaps: None,
+    };
+    let ext_end = if backing_file_offset != 0 {
+        backing_file_offset
+    } else {
+        cs
+    };
+    extensions(
+        src,
+        &mut out,
+        header_length,
+        ext_end,
+        autoclear,
+        be32_at(&h, 32),
+    )?;
+    Ok(out)
+}
+
+/// Walk the header extensions from `start` to `end` (QEMU's `qcow2_read_extensions`).
+fn extensions(
+    src: &Src<'_>,
+    h: &mut Header,
+    start: u64,
+    end: u64,
+    autoclear: u64,
+    crypt_method: u32,
+) -> Result<(), ImageError> {
+    let cs = h.cluster_size();
+    let mut off = start;
+    while off < end {
+        let mut e = [0u8; 8 + 24];
+        src.read(&mut e, off)?;
+        let (ty, len) = (be32_at(&e, 0), u64::from(be32_at(&e, 4)));
+        off += 8;
+        if off > end || len > end - off {
+            return Err(bad("header extension too large"));
+        }
+        match ty {
+            EXT_END => return Ok(()),
+            EXT_BITMAPS if autoclear & AUTOCLEAR_BITMAPS != 0 => {
+                if len != 24 || be32_at(&e, 12) != 0 {
+                    return Err(bad("invalid bitmaps extension"));
+                }
+                let nb = u64::from(be32_at(&e, 8));
+                let (dir_size, dir_offset) = (be64_at(&e, 16), be64_at(&e, 24));
+                if nb == 0
+                    || nb > QCOW2_MAX_BITMAPS
+                    || dir_size > QCOW2_MAX_BITMAP_DIRECTORY_SIZE
+                    || !table_ok(dir_offset, dir_size, cs)
+                {
+                    return Err(bad("invalid bitmaps extension"));
+                }
+                h.bitmaps = Some((dir_offset, dir_size, nb));
+            }
+            EXT_CRYPTO if crypt_method == QCOW_CRYPT_LUKS => {
+                if len != 16 {
+                    return Err(bad("invalid encryption header extension"));
+                }
+                let (o, l) = (be64_at(&e, 8), be64_at(&e, 16));
+                if !table_ok(o, l, cs) {
+                    return Err(bad("invalid encryption header extension"));
+                }
+                h.crypto = Some((o, l));
+            }
+            _ => {}
+        }
+        off += len.div_ceil(8) * 8;
+    }
+    Ok(())
+}
+
+/// One snapshot's L1 table.
+pub(super) struct SnapshotL1 {
+    pub offset: u64,
+    pub size: u64,
+}
+
+/// Read the snapshot table (QEMU's `qcow2_read_snapshots`): the snapshots' L1 tables and the
+/// table's length in bytes. Snapshot IDs and names are skipped, never read.
+pub(super) fn snapshots(src: &Src<'_>, h: &Header) -> Result<(Vec<SnapshotL1>, u64), ImageError> {
+    let mut out = Vec::new();
+    let mut off = h.snapshots_offset;
+    for _ in 0..h.nb_snapshots {
+        off = off.div_ceil(8) * 8;
+        let mut e = [0u8; 40];
+        src.read(&mut e, off)?;
+        let extra = u64::from(be32_at(&e, 36));
+        if extra > QCOW_MAX_SNAPSHOT_EXTRA_DATA {
+            return Err(bad("snapshot extra data too large"));
+        }
+        let ids = u64::from(u16::from_be_bytes([e[12], e[13]]));
+        let names = u64::from(u16::from_be_bytes([e[14], e[15]]));
+        out.push(SnapshotL1 {
+            offset: be64_at(&e, 0),
+            size: u64::from(be32_at(&e, 8)),
+        });
+        off += 40 + extra + ids + names;
+        if off - h.snapshots_offset > QCOW_MAX_SNAPSHOTS_SIZE {
+            return Err(bad("snapshot table too large"));
+        }
+    }
+    Ok((out, off - h.snapshots_offset))
+}
+
+/// One persistent bitmap's table.
+pub(super) struct BitmapTable {
+    pub offset: u64,
+    pub entries: u64,
+}
+
+/// Parse the bitmap directory (QEMU's `bitmap_list_load` and `check_dir_entry`); `None` when
+/// it is inconsistent, which QEMU counts as one corruption.
+pub(super) fn bitmap_tables(
+    src: &Src<'_>,
+    h: &Header,
+    (offset, size, nb): (u64, u64, u64),
+) -> Result<Option<Vec<BitmapTable>>, ImageError> {
+    // Read only what the file holds; the rest reads as zeroes, which no valid entry is.
+    let inside = size.min(src.len.saturating_sub(offset));
+    let mut dir = vec![0u8; inside as usize];
+    src.read(&mut dir, offset)?;
+    let cs = h.cluster_size();
+    let mut out = Vec::new();
+    let mut at = 0u64;
+    while at < size {
+        let e = usize::try_from(at).unwrap_or(usize::MAX);
+        if at + 24 > size || out.len() as u64 >= nb {
+            return Ok(None);
+        }
+        let table_offset = be64_at(&dir, e);
+        let entries = u64::from(be32_at(&dir, e + 8));
+        let flags = be32_at(&dir, e + 12);
+        let ty = dir.get(e + 16).copied().unwrap_or(0);
+        let gran = dir.get(e + 17).copied().unwrap_or(0);
+        let name = u64::from(u16::from_be_bytes([
+            dir.get(e + 18).copied().unwrap_or(0),
+            dir.get(e + 19).copied().unwrap_or(0),
+        ]));
+        let extra = u64::from(be32_at(&dir, e + 20));
+        let len = (24 + name + extra).div_ceil(8) * 8;
+        let bad_entry = extra != 0
+            || name == 0
+            || name > 1023
+            || entries == 0
+            || table_offset == 0
+            || !table_offset.is_multiple_of(cs)
+            || entries > BME_MAX_TABLE_SIZE
+            || !(9..=31).contains(&gran)
+            || flags & !3 != 0
+            || ty != 1
+            || at + len > size;
+        if bad_entry {
+            return Ok(None);
+        }
+        out.push(BitmapTable {
+            offset: table_offset,
+            entries,
+        });
+        at += len;
+    }
+    Ok((out.len() as u64 == nb).then_some(out))
+}
