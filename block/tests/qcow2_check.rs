@@ -237,7 +237,6 @@ impl Raw {
             .unwrap();
         let mut r = Raw { f, cluster_bits: 0 };
         r.cluster_bits = r.u64(16) as u32;
-        assert_eq!(r.u64(96) >> 32, 4, "16-bit refcounts");
         r
     }
     fn cs(&self) -> u64 {
@@ -274,6 +273,7 @@ impl Raw {
     }
     /// File offset of the 16-bit refcount of the cluster at `offset`.
     fn refcount_at(&self, offset: u64) -> u64 {
+        assert_eq!(self.u64(96) >> 32, 4, "16-bit refcounts");
         let k = offset >> self.cluster_bits;
         let per_block = self.cs() / 2;
         let rb = self.u64(self.reftable() + 8 * (k / per_block)) & !0x1ff;
@@ -421,6 +421,151 @@ fn corrupted_images_agree_with_qemu() {
             assert!(opened.is_ok(), "{name}: open_checked refused a leaky image");
         }
     }
+}
+
+/// Tables named many times are read once and counted with their multiplicity: all L1 entries
+/// of an image with 512-byte clusters (128 of them) point at one L2 table, on 16-bit and on
+/// 1-bit refcounts. With 16 bits: the L2 table and its 4 data clusters have refcount 1 and
+/// 128 references (5 corruptions). With 1 bit the counted references saturate at 1, as in
+/// QEMU, and each of the 127 extra references to those 5 clusters is an overflow corruption.
+#[test]
+fn shared_tables_count_with_multiplicity() {
+    let dir = TempImages::new(false).unwrap();
+    for (name, bits, corruptions) in [("rc16", 16, 1 + 4), ("rc1", 1, 127 + 4 * 127)] {
+        let q = dir.path(&format!("{name}.qcow2"));
+        create(&q, &format!("cluster_size=512,refcount_bits={bits}"), "4M");
+        io(&q, "write -P 0x5a 0 2k");
+        let r = Raw::open(&q);
+        let l1 = r.u64(r.l1_entry(0));
+        let n = r.u64(32) & 0xffff_ffff;
+        assert_eq!(n, 128);
+        for i in 1..n {
+            r.put(r.l1_entry(i), l1);
+        }
+        drop(r);
+        let rep = agree(&q);
+        assert_eq!(rep.corruptions, corruptions, "{name}: {rep:#?}");
+    }
+}
+
+/// Files QEMU would not open are refused with `ImageError::Format` (a table of bad headers),
+/// and arbitrary damage to a valid image never panics.
+#[test]
+fn bad_headers_are_refused() {
+    let dir = TempImages::new(false).unwrap();
+    let q = dir.path("good.qcow2");
+    base_image(&q);
+    let good = std::fs::read(&q).unwrap();
+    type Damage = fn(&mut Vec<u8>);
+    let cases: &[(&str, Damage)] = &[
+        ("magic", |b| b[0] = b'q'),
+        ("version 1", |b| {
+            b[4..8].copy_from_slice(&1u32.to_be_bytes())
+        }),
+        ("version 4", |b| {
+            b[4..8].copy_from_slice(&4u32.to_be_bytes())
+        }),
+        ("cluster_bits 8", |b| {
+            b[20..24].copy_from_slice(&8u32.to_be_bytes())
+        }),
+        ("cluster_bits 22", |b| {
+            b[20..24].copy_from_slice(&22u32.to_be_bytes())
+        }),
+        ("refcount_order 7", |b| {
+            b[96..100].copy_from_slice(&7u32.to_be_bytes())
+        }),
+        ("header_length 100", |b| {
+            b[100..104].copy_from_slice(&100u32.to_be_bytes())
+        }),
+        ("unknown incompatible", |b| {
+            b[72..80].copy_from_slice(&(1u64 << 40).to_be_bytes())
+        }),
+        ("l1_size 2^31", |b| {
+            b[36..40].copy_from_slice(&(1u32 << 31).to_be_bytes())
+        }),
+        ("l1 misaligned", |b| {
+            b[40..48].copy_from_slice(&0x30200u64.to_be_bytes())
+        }),
+        ("l1 overflow", |b| {
+            b[40..48].copy_from_slice(&(u64::MAX & !0xffff).to_be_bytes())
+        }),
+        ("l1 too small", |b| {
+            b[24..32].copy_from_slice(&(1u64 << 40).to_be_bytes())
+        }),
+        ("reftable huge", |b| {
+            b[56..60].copy_from_slice(&u32::MAX.to_be_bytes())
+        }),
+        ("reftable misaligned", |b| {
+            b[48..56].copy_from_slice(&0x10008u64.to_be_bytes())
+        }),
+        ("snapshots 2^20", |b| {
+            b[60..64].copy_from_slice(&(1u32 << 20).to_be_bytes())
+        }),
+        ("snapshots misaligned", |b| {
+            b[64..72].copy_from_slice(&0x777u64.to_be_bytes())
+        }),
+        ("extension too long", |b| {
+            let hl = u32::from_be_bytes([b[100], b[101], b[102], b[103]]) as usize;
+            b[hl..hl + 8].copy_from_slice(&[0, 0, 0, 9, 0xff, 0xff, 0, 0])
+        }),
+        ("truncated", |b| b.truncate(50)),
+        ("empty", |b| b.clear()),
+    ];
+    for &(name, damage) in cases {
+        let mut img = good.clone();
+        damage(&mut img);
+        std::fs::write(&q, &img).unwrap();
+        let r = qcow2_check::check(&q);
+        assert!(matches!(r, Err(ImageError::Format(_))), "{name}: {r:?}");
+        assert!(
+            matches!(
+                Qcow2Image::open_checked(&q, false),
+                Err(ImageError::Format(_))
+            ),
+            "{name}"
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Random bytes written over a valid image (header, tables, data): the check returns a
+    /// report or `ImageError::Format`, never panics, and keeps its findings bounded.
+    #[test]
+    fn damaged_images_never_panic(
+        edits in prop::collection::vec((0usize..400_000, prop::collection::vec(any::<u8>(), 1..16)), 1..8)
+    ) {
+        let dir = TempImages::new(false).unwrap();
+        let q = dir.path("d.qcow2");
+        let mut img = damaged_base();
+        for (at, bytes) in edits {
+            let at = at % img.len();
+            let end = (at + bytes.len()).min(img.len());
+            img[at..end].copy_from_slice(&bytes[..end - at]);
+        }
+        std::fs::write(&q, &img).unwrap();
+        if let Ok(r) = qcow2_check::check(&q) {
+            prop_assert!(r.findings.len() <= qcow2_check::MAX_FINDINGS);
+        }
+    }
+}
+
+/// A small valid image with every kind of metadata (snapshot, compressed-free data, zero
+/// clusters), made once.
+fn damaged_base() -> Vec<u8> {
+    static BASE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BASE.get_or_init(|| {
+        let dir = TempImages::new(false).unwrap();
+        let q = dir.path("base.qcow2");
+        create(&q, "cluster_size=4096", "1M");
+        io(&q, "write -P 0x11 0 40k");
+        ok("qemu-img", &["snapshot", "-c", "s1", p(&q)]);
+        io(&q, "write -P 0x22 8k 16k");
+        io(&q, "write -z 200k 8k");
+        std::fs::read(&q).unwrap()
+    })
+    .clone()
 }
 
 #[test]
