@@ -1,19 +1,11 @@
 //! Runs the `minimal` example VMM as a user would, on the real /dev/kvm.
 
-use std::process::Command;
+mod common;
 
 #[test]
 fn kvm_minimal_guest_prints() {
-    let out = Command::new(env!("CARGO_BIN_EXE_minimal"))
-        .output()
-        .expect("spawn minimal");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    let (code, stdout) = common::run_example(env!("CARGO_BIN_EXE_minimal"), &[]);
+    assert_eq!(code, Some(0), "{stdout}");
     // 21 message bytes + 1 debug-exit write, each one PIO exit; nothing else.
     let expected = "Hello from the guest\n\
                     --- guest stopped with status 0\n\
