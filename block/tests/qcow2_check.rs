@@ -487,7 +487,7 @@ fn bad_headers_are_refused() {
             b[40..48].copy_from_slice(&0x30200u64.to_be_bytes())
         }),
         ("l1 overflow", |b| {
-            b[40..48].copy_from_slice(&(u64::MAX & !0xffff).to_be_bytes())
+            b[40..48].copy_from_slice(&(!0xffffu64).to_be_bytes())
         }),
         ("l1 too small", |b| {
             b[24..32].copy_from_slice(&(1u64 << 40).to_be_bytes())

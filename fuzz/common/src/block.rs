@@ -4,11 +4,15 @@
 //!   to the virtio-blk queue worker (parser + execution) over a raw image on a temp file, with
 //!   the synchronous or the io_uring engine. Invariants: nothing panics or hangs; every used
 //!   entry names a head that was published; used lengths never exceed what the chain could hold.
-//! * [`run_qcow2`]: arbitrary bytes opened as a qcow2 image (nothing it names is opened), then
-//!   read at a few offsets and, on a writable copy, written, flushed and read back. Invariant:
-//!   nothing panics or hangs. (Read-after-write equality does not hold for corrupt images: with
-//!   refcounts claiming referenced clusters are free, a write may reuse a metadata cluster — the
-//!   fuzzer found such an image, kept as the `corrupt_refcounts` seed; `qemu-img check` reports it.)
+//! * [`run_qcow2`]: arbitrary bytes checked with `qcow2_check::check`, then opened as a qcow2
+//!   image (nothing it names is opened), read at a few offsets and, on a writable copy,
+//!   written, flushed and read back. Invariants: nothing panics or hangs; the check keeps at
+//!   most `MAX_FINDINGS` findings; and an image the check finds consistent stays consistent
+//!   after the writes (imago's allocations, trusted only on such images, never overlap
+//!   metadata). Read-after-write equality does not hold for corrupt images: with refcounts
+//!   claiming referenced clusters are free, a write may reuse a metadata cluster — the fuzzer
+//!   found such an image, kept as the `corrupt_refcounts` seed; the check reports it, and
+//!   `Qcow2Image::open_checked` refuses it.
 //!
 //! Input of [`run_request`] (all little-endian):
 //! `flags: u8` (bit0 read-only, bit1 FLUSH, bit2 DISCARD, bit3 WRITE_ZEROES, bit4 io_uring),
@@ -23,6 +27,7 @@ use vm_memory::{Bytes, GuestAddress};
 /// `VRING_DESC_F_INDIRECT` (virtio 1.2 §2.7.5.3).
 const VRING_DESC_F_INDIRECT: u16 = 4;
 use vmkit_block::config::BlockConfig;
+use vmkit_block::image::qcow2_check::{self, MAX_FINDINGS};
 use vmkit_block::image::{DiskImage, Qcow2Image, RawImage};
 use vmkit_block::metrics::BlockMetrics;
 use vmkit_block::rate_limiter::RateLimiter;
@@ -176,6 +181,17 @@ pub fn run_qcow2(data: &[u8]) {
         return;
     }
     drop(f);
+    let report = qcow2_check::check(&path);
+    if let Ok(r) = &report {
+        assert!(r.findings.len() <= MAX_FINDINGS);
+        let corrupt = r
+            .findings
+            .iter()
+            .filter(|f| counts_as_corruption(f))
+            .count();
+        assert!(r.corruptions >= corrupt as u64, "{r:?}");
+    }
+    let consistent = report.as_ref().is_ok_and(|r| r.is_consistent());
     if let Ok(mut img) = Qcow2Image::open_standalone(&path, true) {
         let size = img.size();
         let mut buf = vec![0u8; 65536];
@@ -186,14 +202,34 @@ pub fn run_qcow2(data: &[u8]) {
     }
     if let Ok(mut img) = Qcow2Image::open_standalone(&path, false) {
         let size = img.size();
+        let mut wrote = false;
         if size >= 4096 {
-            let off = (size / 3) & !511;
-            if img.write_at(&[0xa5; 4096], off).is_ok() && img.flush().is_ok() {
-                let mut back = [0u8; 4096];
-                let _ = img.read_at(&mut back, off);
+            for (i, off) in [size / 3, 0, size - 4096].into_iter().enumerate() {
+                let off = off & !511;
+                if img.write_at(&[0xa5 ^ i as u8; 4096], off).is_ok() && img.flush().is_ok() {
+                    wrote = true;
+                    let mut back = [0u8; 4096];
+                    let _ = img.read_at(&mut back, off);
+                }
             }
         }
+        drop(img);
+        if consistent && wrote {
+            let after = qcow2_check::check(&path);
+            assert!(
+                after.as_ref().is_ok_and(|r| r.corruptions == 0),
+                "a consistent image became inconsistent after writes: {after:?}"
+            );
+        }
     }
+}
+
+/// Whether a finding is counted in `corruptions` (leaks and unreadable refcounts are not).
+fn counts_as_corruption(f: &qcow2_check::Finding) -> bool {
+    !matches!(
+        f,
+        qcow2_check::Finding::Leaked { .. } | qcow2_check::Finding::UnreadableRefcount { .. }
+    )
 }
 
 #[cfg(test)]
