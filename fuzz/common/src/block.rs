@@ -224,6 +224,73 @@ pub fn run_qcow2(data: &[u8]) {
     }
 }
 
+/// Generated `qcow2_image` seeds for the consistency check: tiny hand-built v3 images (512-byte
+/// clusters, 64 KiB disk, 16-bit refcounts) — `check_snapshot_shared`, consistent, with one
+/// internal snapshot whose L1 table shares the L2 table and data cluster (refcount 2, `COPIED`
+/// clear); `check_l2_refcount_0`, the same without the snapshot and with the L2 table's
+/// refcount 0 (the image imago would overwrite metadata in).
+pub fn qcow2_seeds() -> Vec<(String, Vec<u8>)> {
+    vec![
+        ("check_snapshot_shared".into(), qcow2_seed(true)),
+        ("check_l2_refcount_0".into(), qcow2_seed(false)),
+    ]
+}
+
+/// Cluster `n` of a seed (512-byte clusters).
+const fn c(n: u64) -> u64 {
+    n * 512
+}
+
+fn qcow2_seed(snapshot: bool) -> Vec<u8> {
+    const COPIED: u64 = 1 << 63;
+    let clusters = if snapshot { 8 } else { 6 };
+    let mut b = vec![0u8; clusters * 512];
+    let mut put = |at: u64, v: &[u8]| {
+        let at = at as usize;
+        b[at..at + v.len()].copy_from_slice(v);
+    };
+    // Header (qcow2 specification, "Header"): version 3, cluster_bits 9, 64 KiB, L1 of 2
+    // entries at cluster 3, refcount table (1 cluster) at 1, refcount_order 4, length 104.
+    put(0, b"QFI\xfb");
+    put(4, &3u32.to_be_bytes());
+    put(20, &9u32.to_be_bytes());
+    put(24, &(64u64 << 10).to_be_bytes());
+    put(36, &2u32.to_be_bytes());
+    put(40, &c(3).to_be_bytes());
+    put(48, &c(1).to_be_bytes());
+    put(56, &1u32.to_be_bytes());
+    put(96, &4u32.to_be_bytes());
+    put(100, &104u32.to_be_bytes());
+    put(c(1), &c(2).to_be_bytes()); // refcount table → refcount block at cluster 2
+    let shared = if snapshot { 0 } else { COPIED };
+    put(c(3), &(c(4) | shared).to_be_bytes()); // L1[0] → L2 at cluster 4
+    put(c(4), &(c(5) | shared).to_be_bytes()); // L2[0] → data at cluster 5
+    put(c(5), &[0x5a; 512]);
+    let mut refcounts = vec![1u16; clusters];
+    if snapshot {
+        // One snapshot (table at cluster 6, its L1 copy at cluster 7); id "1", name "s1",
+        // 24 bytes of extra data (vm_state_size_large 0, disk_size 64 KiB, icount -1).
+        put(60, &1u32.to_be_bytes());
+        put(64, &c(6).to_be_bytes());
+        put(c(6), &c(7).to_be_bytes());
+        put(c(6) + 8, &2u32.to_be_bytes());
+        put(c(6) + 12, &[0, 1, 0, 2]);
+        put(c(6) + 36, &24u32.to_be_bytes());
+        put(c(6) + 48, &(64u64 << 10).to_be_bytes());
+        put(c(6) + 56, &u64::MAX.to_be_bytes());
+        put(c(6) + 64, b"1s1");
+        put(c(7), &c(4).to_be_bytes());
+        refcounts[4] = 2;
+        refcounts[5] = 2;
+    } else {
+        refcounts[4] = 0;
+    }
+    for (i, r) in refcounts.iter().enumerate() {
+        put(c(2) + 2 * i as u64, &r.to_be_bytes());
+    }
+    b
+}
+
 /// Whether a finding is counted in `corruptions` (leaks and unreadable refcounts are not).
 fn counts_as_corruption(f: &qcow2_check::Finding) -> bool {
     !matches!(
@@ -241,6 +308,20 @@ mod tests {
         for s in seeds {
             super::run_request(&s);
         }
+    }
+
+    #[test]
+    fn qcow2_seeds_are_in_the_corpus_and_check_as_expected() {
+        use vmkit_block::image::qcow2_check::check;
+        let dir = vmkit_block::test_utils::TempImages::new(false).unwrap();
+        for (name, data) in super::qcow2_seeds() {
+            let path = dir.path(&name);
+            std::fs::write(&path, &data).unwrap();
+            let r = check(&path).unwrap();
+            let expect = if name == "check_l2_refcount_0" { 2 } else { 0 };
+            assert_eq!((r.corruptions, r.leaks), (expect, 0), "{name}: {r:?}");
+        }
+        crate::check_seed_files("qcow2_image", super::qcow2_seeds());
     }
 
     #[test]
