@@ -26,7 +26,14 @@ struct Qemu {
 }
 
 fn qemu_check(path: &Path) -> Qemu {
-    let out = run("qemu-img", &["check", "--output=json", p(path)]);
+    qemu_check_args(path, &[p(path)])
+}
+
+/// `qemu-img check --output=json` with `args` naming the image (`path`).
+fn qemu_check_args(path: &Path, args: &[&str]) -> Qemu {
+    let mut all = vec!["check", "--output=json"];
+    all.extend(args);
+    let out = run("qemu-img", &all);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "qemu-img check {}: no JSON ({e}): {}",
@@ -45,8 +52,12 @@ fn qemu_check(path: &Path) -> Qemu {
 
 /// Our report, after asserting its counts equal qemu-img's.
 fn agree(path: &Path) -> CheckReport {
+    agree_with(path, qemu_check(path))
+}
+
+/// Our report, after asserting its counts equal `q`'s.
+fn agree_with(path: &Path, q: Qemu) -> CheckReport {
     let ours = qcow2_check::check(path).unwrap();
-    let q = qemu_check(path);
     assert_eq!(
         (ours.corruptions, ours.leaks, ours.check_errors),
         (q.corruptions, q.leaks, q.check_errors),
@@ -190,6 +201,47 @@ fn clean_images_agree_with_qemu() {
     assert!(r.image_end_offset > 0);
     ok("qemu-img", &["snapshot", "-d", "s1", p(&q)]);
     clean(&q);
+
+    // LUKS encryption: the LUKS header clusters are referenced (qemu-img needs the secret).
+    let q = dir.path("luks.qcow2");
+    let secret = "secret,id=sec0,data=vmkit-test";
+    let opts = format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+        p(&q)
+    );
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "--object",
+            secret,
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+            p(&q),
+            "4M",
+        ],
+    );
+    ok(
+        "qemu-io",
+        &[
+            "--object",
+            secret,
+            "--image-opts",
+            "-c",
+            "write -P 7 0 100k",
+            &opts,
+        ],
+    );
+    let r = agree_with(
+        &q,
+        qemu_check_args(&q, &["--object", secret, "--image-opts", &opts]),
+    );
+    assert_eq!((r.corruptions, r.leaks), (0, 0));
+    // Without the LUKS header counted, its clusters would be leaks: the header extension is
+    // what references them.
+    assert!(r.image_end_offset > 1 << 20);
 
     // A persistent dirty bitmap with data clusters.
     let q = dir.path("bitmap.qcow2");
@@ -566,6 +618,24 @@ fn damaged_base() -> Vec<u8> {
         std::fs::read(&q).unwrap()
     })
     .clone()
+}
+
+/// A version 3 snapshot table entry without the required extra data (VM state size, disk
+/// size) is a corruption for QEMU's check ("snapshot table entry is incomplete"), and here.
+#[test]
+fn incomplete_snapshot_entry_agrees() {
+    let dir = TempImages::new(false).unwrap();
+    let q = dir.path("snap.qcow2");
+    base_image(&q);
+    ok("qemu-img", &["snapshot", "-c", "s1", p(&q)]);
+    let r = Raw::open(&q);
+    let entry = r.u64(64);
+    // extra_data_size (byte 36 of the entry) 24 -> 8.
+    r.f.write_all_at(&8u32.to_be_bytes(), entry + 36).unwrap();
+    drop(r);
+    let rep = agree(&q);
+    assert_eq!((rep.corruptions, rep.leaks), (1, 0));
+    assert_eq!(rep.findings, vec![Finding::BadSnapshot { index: 0 }]);
 }
 
 #[test]

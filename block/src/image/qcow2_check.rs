@@ -30,10 +30,14 @@
 //! **Hostile input.** The file is arbitrary bytes: an image QEMU would refuse to open
 //! (bad magic or version, out-of-range `cluster_bits`/`refcount_order`, tables larger than
 //! QEMU's limits, unknown incompatible features) is refused with [`ImageError::Format`];
-//! otherwise the check never panics, allocates in proportion to the file's cluster count (5
-//! bytes a cluster) plus bounded buffers, reads in chunks of at most 256 KiB, and reads every
-//! table region once however many tables name it (a table named `n` times is counted with
-//! multiplicity `n`).
+//! otherwise the check never panics, overflows or loops, and allocates in proportion to the
+//! file's cluster count (5 bytes a cluster, at most [`MAX_CLUSTERS`]) plus bounded buffers:
+//! L1, L2 and bitmap tables are streamed in chunks of at most 256 KiB, refcount blocks read
+//! one cluster at a time, and the refcount table (at most 8 MiB) and bitmap directory (at most
+//! 64 MiB, QEMU's limits) only as far as the file holds them. Tables named many times (a
+//! million L1 entries on one L2 table, 65,536 snapshots on one L1 table) are read once and
+//! counted with their multiplicity, by a sweep over the table regions; L2 tables are gathered
+//! in batches of 65,536 distinct offsets, each batch reading at most the whole file once.
 //!
 //! **Cost.** It reads the header, every L1 table, every L2 table (twice for the active
 //! ones — references, then `COPIED` flags), the refcount table and every refcount block, but
@@ -213,6 +217,10 @@ impl<'a> Checker<'a> {
             self.out.corrupt(1, Finding::BadSnapshot { index });
         }
         for (index, s) in snaps.iter().enumerate() {
+            if s.incomplete {
+                let index = index as u64;
+                self.out.corrupt(1, Finding::BadSnapshot { index });
+            }
             if !s.offset.is_multiple_of(cs) {
                 let f = Finding::Misaligned {
                     offset: s.offset,

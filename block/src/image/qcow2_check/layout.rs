@@ -41,6 +41,7 @@ const EXT_CRYPTO: u32 = 0x0537_be77;
 
 /// What the check needs from the header.
 pub(super) struct Header {
+    pub version: u32,
     pub cluster_bits: u32,
     pub l1_size: u64,
     pub l1_table_offset: u64,
@@ -160,6 +161,7 @@ pub(super) fn header(src: &Src<'_>) -> Result<Header, ImageError> {
         return Err(bad("invalid backing file offset"));
     }
     let mut out = Header {
+        version,
         cluster_bits,
         l1_size,
         l1_table_offset,
@@ -246,6 +248,9 @@ fn extensions(
 pub(super) struct SnapshotL1 {
     pub offset: u64,
     pub size: u64,
+    /// A version 3 entry without the required extra data (VM state size and disk size):
+    /// QEMU's check counts it as a corruption ("snapshot table entry is incomplete").
+    pub incomplete: bool,
 }
 
 /// Read the snapshot table (QEMU's `qcow2_read_snapshots`): the snapshots' L1 tables and the
@@ -266,6 +271,7 @@ pub(super) fn snapshots(src: &Src<'_>, h: &Header) -> Result<(Vec<SnapshotL1>, u
         out.push(SnapshotL1 {
             offset: be64_at(&e, 0),
             size: u64::from(be32_at(&e, 8)),
+            incomplete: h.version >= 3 && extra < 16,
         });
         off += 40 + extra + ids + names;
         if off - h.snapshots_offset > QCOW_MAX_SNAPSHOTS_SIZE {

@@ -152,8 +152,9 @@ pub enum Finding {
         /// Its bitmap.
         bitmap: u64,
     },
-    /// A snapshot whose L1 table is unusable (too large), or snapshots in an image with an
-    /// external data file (`index` is then the snapshot count).
+    /// A snapshot whose L1 table is unusable (too large) or whose version 3 table entry lacks
+    /// the required extra data, or snapshots in an image with an external data file (`index`
+    /// is then the snapshot count).
     BadSnapshot {
         /// Snapshot index.
         index: u64,
