@@ -58,6 +58,15 @@ use refs::{RefMap, Regions, Src, Sweep, be64_at, refcount_entry};
 /// Most clusters a checked file may have (QEMU refuses more than `INT_MAX` too).
 pub const MAX_CLUSTERS: u64 = i32::MAX as u64;
 
+/// Largest offset QEMU's block layer reads (`BDRV_MAX_LENGTH`: `INT64_MAX` aligned down to
+/// 1 GiB); reads reaching beyond it fail with `EIO`, which its check counts as check errors.
+const BDRV_MAX_LENGTH: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+
+/// Whether QEMU can read `len` bytes at `offset` (else `EIO`).
+fn readable(offset: u64, len: u64) -> bool {
+    offset <= BDRV_MAX_LENGTH && len <= BDRV_MAX_LENGTH - offset
+}
+
 /// Distinct L2 tables gathered before they are read (bounds the gathering map).
 const L2_BATCH: usize = 1 << 16;
 
@@ -170,7 +179,9 @@ impl<'a> Checker<'a> {
         }
         let cs = self.h.cluster_size();
         let end = offset.checked_add(size);
-        if end.is_none_or(|e| e.saturating_sub(self.src.len) >= cs) {
+        // QEMU's block layer reports file lengths in whole 512-byte sectors.
+        let file_len = self.src.len.div_ceil(512) * 512;
+        if end.is_none_or(|e| e.saturating_sub(file_len) >= cs) {
             self.out.corrupt(
                 mult,
                 Finding::BeyondEnd {
@@ -232,7 +243,13 @@ impl<'a> Checker<'a> {
                 self.out.corrupt(1, Finding::BadSnapshot { index });
             } else if s.size > 0 {
                 self.inc(s.offset, s.size * 8, 1, Referrer::SnapshotL1Table, true);
-                l1s.push((s.offset, s.size));
+                if readable(s.offset, s.size * 8) {
+                    l1s.push((s.offset, s.size));
+                } else {
+                    // QEMU fails to read it (EIO), counts a check error and stops its check;
+                    // this check goes on without that table.
+                    self.out.check_errors += 1;
+                }
             }
         }
         self.l1_tables(&l1s)?;
@@ -657,10 +674,10 @@ struct Stored {
 
 impl Stored {
     /// The refcount block holding cluster `k`'s refcount: `Some(0)` when there is none (the
-    /// refcount is 0), `None` when it is misaligned (unreadable).
+    /// refcount is 0), `None` when it is misaligned or beyond what QEMU can read (unreadable).
     fn block(&self, k: u64, rb_bits: u32, cs: u64) -> Option<u64> {
         let idx = usize::try_from(k >> rb_bits).unwrap_or(usize::MAX);
         let off = self.reftable.get(idx).copied().unwrap_or(0) & REFT_OFFSET_MASK;
-        off.is_multiple_of(cs).then_some(off)
+        (off.is_multiple_of(cs) && readable(off, cs)).then_some(off)
     }
 }

@@ -27,6 +27,8 @@ const BME_MAX_TABLE_SIZE: u64 = 0x800_0000;
 const KNOWN_INCOMPATIBLE: u64 = 0x1f;
 /// Incompatible feature bit 2: guest data lives in an external data file.
 const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+/// Incompatible feature bit 3: the compression type field is not zlib.
+const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 /// Incompatible feature bit 4: extended L2 entries (32 subclusters per cluster).
 const INCOMPAT_EXTL2: u64 = 1 << 4;
 /// Autoclear feature bit 0: the bitmaps extension is consistent.
@@ -141,8 +143,21 @@ pub(super) fn header(src: &Src<'_>) -> Result<Header, ImageError> {
     let entry = if extended_l2 { 16 } else { 8 };
     // Bytes one L1 entry maps: a cluster of L2 entries, each mapping a cluster.
     let per_l1 = (cs / entry) << cluster_bits;
-    if size.div_ceil(per_l1) > l1_size {
+    let needed = size.div_ceil(per_l1);
+    if needed > i32::MAX as u64 {
+        return Err(bad("disk size too large"));
+    }
+    if needed > l1_size {
         return Err(bad("L1 table too small for the disk size"));
+    }
+    if be32_at(&h, 32) > QCOW_CRYPT_LUKS {
+        return Err(bad("unknown encryption method"));
+    }
+    // Compression type (byte 104, present when the header is longer than 104 bytes): zlib (0)
+    // without incompatible bit 3, zstd (1) with it.
+    let compression = if header_length > 104 { h[104] } else { 0 };
+    if compression > 1 || (compression == 1) != (incompat & INCOMPAT_COMPRESSION != 0) {
+        return Err(bad("invalid compression type"));
     }
     let refcount_table_clusters = u64::from(be32_at(&h, 56));
     let refcount_table_offset = be64_at(&h, 48);

@@ -133,8 +133,8 @@ pub enum Finding {
         /// What the entry locates ([`Referrer::L2Table`] or [`Referrer::Data`]).
         referrer: Referrer,
     },
-    /// The stored refcount cannot be read: its refcount block is misaligned (a check error,
-    /// as in QEMU).
+    /// The stored refcount cannot be read: its refcount block is misaligned or lies beyond
+    /// the largest offset QEMU reads, 2^63 - 2^30 (a check error, as in QEMU).
     UnreadableRefcount {
         /// Cluster index.
         cluster: u64,
