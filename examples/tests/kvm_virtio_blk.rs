@@ -199,6 +199,17 @@ fn kvm_virtio_blk_read_only_refuses_the_write() {
 /// Command-line and image errors stop the VMM before it opens /dev/kvm (so no `kvm_` name).
 #[test]
 fn virtio_blk_usage_and_image_errors() {
+    // A qcow2 image whose header cluster has refcount 0: imago would hand that cluster out
+    // again; the VMM refuses the image before it creates the VM.
+    let dir = tempfile::tempdir().unwrap();
+    let corrupt = dir.path().join("corrupt.qcow2");
+    Qcow2Image::create(&corrupt, 1 << 20, None).unwrap();
+    let mut img = std::fs::read(&corrupt).unwrap();
+    let be64 = |b: &[u8], o: usize| u64::from_be_bytes(b[o..o + 8].try_into().unwrap()) as usize;
+    let refblock = be64(&img, be64(&img, 48));
+    img[refblock..refblock + 2].copy_from_slice(&0u16.to_be_bytes());
+    std::fs::write(&corrupt, &img).unwrap();
+    let corrupt = corrupt.to_str().unwrap();
     for (args, code, message) in [
         (
             &["--bogus"][..],
@@ -214,6 +225,11 @@ fn virtio_blk_usage_and_image_errors() {
             &["/nonexistent/disk.raw"],
             255,
             "virtio_blk: image I/O failed: No such file or directory (os error 2)\n",
+        ),
+        (
+            &[corrupt],
+            255,
+            "virtio_blk: qcow2 metadata inconsistent: 1 corruptions, 0 check errors",
         ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_virtio_blk"))

@@ -4,9 +4,10 @@
 //! virtio_blk [IMAGE] [--read-only]
 //! ```
 //!
-//! The VMM opens IMAGE (raw or qcow2, detected from its first bytes by
-//! `vmkit_block::image::open`; without IMAGE it creates a 1 MiB raw image in a temporary
-//! directory and removes it afterwards) and serves it through vmkit-block's `Block` device
+//! The VMM opens IMAGE (raw or qcow2, detected from its first bytes) with
+//! `vmkit_block::image::open_checked`, which refuses a qcow2 image whose metadata is corrupt
+//! (an image is untrusted input); without IMAGE it creates a 1 MiB raw image in a temporary
+//! directory and removes it afterwards. It serves the image through vmkit-block's `Block` device
 //! behind vmkit-virtio's `VirtioPciTransport`, on a PCI root bus behind ports 0xCF8/0xCFC of a
 //! VM with the split irqchip (in-kernel LAPIC). `--read-only` opens the image read-only and
 //! offers `VIRTIO_BLK_F_RO`. The device uses the synchronous engine: the doorbell's
@@ -314,7 +315,7 @@ fn run(args: Args) -> Result<u32, Error> {
             (Some(dir), p, "(new, in a temporary directory)".into())
         }
     };
-    let disk = image::open(&path, args.read_only)?;
+    let disk = image::open_checked(&path, args.read_only)?;
     println!(
         "vmm: disk {what}: {}, {} bytes, {}",
         match disk.format() {
