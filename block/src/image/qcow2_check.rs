@@ -328,7 +328,7 @@ impl<'a> Checker<'a> {
     fn l2_tables(
         &mut self,
         l2s: std::collections::HashMap<u64, u64>,
-        each: fn(&mut Self, u64, u64, u64) -> Result<(), ImageError>,
+        mut each: impl FnMut(&mut Self, u64, u64, u64) -> Result<(), ImageError>,
     ) -> Result<(), ImageError> {
         let cs = self.h.cluster_size();
         let es = self.h.l2_entry_size() as usize;
@@ -633,36 +633,28 @@ impl<'a> Checker<'a> {
         self.copied_l2(l2s, stored, check)
     }
 
+    /// Check the `COPIED` flag of every data entry of the L2 tables `l2s` against the stored
+    /// refcount of its cluster.
     fn copied_l2(
         &mut self,
         l2s: std::collections::HashMap<u64, u64>,
         stored: &Stored,
         check: impl Fn(&mut Self, u64, u64, Referrer, u64),
     ) -> Result<(), ImageError> {
-        let cs = self.h.cluster_size();
-        let es = self.h.l2_entry_size() as usize;
-        let mut sweep = Sweep::new(
-            l2s.into_iter().map(|(o, m)| (o, o + cs, m)),
-            self.src.len.div_ceil(16) * 16,
-        );
-        let mut buf = std::mem::take(&mut self.buf);
-        while let Some((_, mult)) = sweep.next(self.src, &mut buf)? {
-            for e in buf.chunks_exact(es).map(|b| be64_at(b, 0)) {
-                if !matches!(self.kind(e), Kind::Normal | Kind::ZeroAlloc) {
-                    continue;
-                }
-                let rc = if self.h.data_file {
-                    Some(1)
-                } else {
-                    self.stored(stored, (e & L2E_OFFSET_MASK) >> self.h.cluster_bits)?
-                };
-                if let Some(rc) = rc {
-                    check(self, e, rc, Referrer::Data, mult);
-                }
+        self.l2_tables(l2s, |this, e, _bitmap, mult| {
+            if !matches!(this.kind(e), Kind::Normal | Kind::ZeroAlloc) {
+                return Ok(());
             }
-        }
-        self.buf = buf;
-        Ok(())
+            let rc = if this.h.data_file {
+                Some(1)
+            } else {
+                this.stored(stored, (e & L2E_OFFSET_MASK) >> this.h.cluster_bits)?
+            };
+            if let Some(rc) = rc {
+                check(this, e, rc, Referrer::Data, mult);
+            }
+            Ok(())
+        })
     }
 }
 
