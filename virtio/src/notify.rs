@@ -210,14 +210,32 @@ impl NotifyWorker {
         target: Arc<Mutex<T>>,
         fds: Vec<QueueEventFd>,
     ) -> Result<Self, NotifyError> {
+        Self::spawn_with_wakeups(target, fds, Vec::new())
+    }
+
+    /// [`NotifyWorker::spawn`], and also run queue `q` whenever a `(q, fd)` of `wakeups` is
+    /// signalled: a device's own event, such as an asynchronous engine's completion eventfd
+    /// (vmkit-block's `Block::completion_eventfds`), whose pass over the queue puts finished
+    /// requests on the used ring as well as taking new ones. The transport counts such a
+    /// wake-up as a queue notification. [`NotifyWorker::stop`] returns only the doorbells; the
+    /// wake-up eventfds are closed.
+    pub fn spawn_with_wakeups<T: QueueNotify + 'static>(
+        target: Arc<Mutex<T>>,
+        fds: Vec<QueueEventFd>,
+        wakeups: Vec<(u16, EventFd)>,
+    ) -> Result<Self, NotifyError> {
         let stop = EventFd::new(EFD_NONBLOCK).map_err(NotifyError::Io)?;
         let epoll = Epoll::new().map_err(NotifyError::Io)?;
-        for (i, q) in fds.iter().enumerate() {
+        let all = fds
+            .iter()
+            .map(|q| &q.fd)
+            .chain(wakeups.iter().map(|(_, fd)| fd));
+        for (token, fd) in all.enumerate() {
             epoll
                 .ctl(
                     ControlOperation::Add,
-                    q.fd.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, i as u64),
+                    fd.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, token as u64),
                 )
                 .map_err(NotifyError::Io)?;
         }
@@ -230,7 +248,7 @@ impl NotifyWorker {
             .map_err(NotifyError::Io)?;
         let thread = std::thread::Builder::new()
             .name("virtio-notify".into())
-            .spawn(move || serve(epoll, fds, target))
+            .spawn(move || serve(epoll, fds, wakeups, target))
             .map_err(NotifyError::Io)?;
         Ok(Self {
             stop,
@@ -261,9 +279,10 @@ impl Drop for NotifyWorker {
 fn serve<T: QueueNotify>(
     epoll: Epoll,
     fds: Vec<QueueEventFd>,
+    wakeups: Vec<(u16, EventFd)>,
     target: Arc<Mutex<T>>,
 ) -> Vec<QueueEventFd> {
-    let mut events = vec![EpollEvent::default(); fds.len() + 1];
+    let mut events = vec![EpollEvent::default(); fds.len() + wakeups.len() + 1];
     loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -275,16 +294,80 @@ fn serve<T: QueueNotify>(
             if token == STOP_TOKEN {
                 return fds;
             }
-            let Some(q) = fds.get(token as usize) else {
-                continue;
+            // Tokens number the doorbells first, then the wake-ups.
+            let token = token as usize;
+            let (queue, fd) = match fds.get(token) {
+                Some(q) => (q.queue, &q.fd),
+                None => match token.checked_sub(fds.len()).and_then(|i| wakeups.get(i)) {
+                    Some((queue, fd)) => (*queue, fd),
+                    None => continue,
+                },
             };
             // Coalesced kicks read as one count; one pass over the queue serves them all.
-            if q.fd.read().is_ok() {
+            if fd.read().is_ok() {
                 target
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .notify_queue(q.queue);
+                    .notify_queue(queue);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// Records the queues it is told about.
+    #[derive(Default)]
+    struct Recorder(Vec<u16>);
+
+    impl QueueNotify for Recorder {
+        fn notify_queue(&mut self, index: u16) {
+            self.0.push(index);
+        }
+    }
+
+    fn wait_for(t: &Mutex<Recorder>, n: usize) -> Vec<u16> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let seen = t.lock().unwrap().0.clone();
+            if seen.len() >= n || Instant::now() > deadline {
+                return seen;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn doorbells_and_wakeups_run_their_queues() {
+        let target = Arc::new(Mutex::new(Recorder::default()));
+        let doorbells: Vec<QueueEventFd> = (0..2)
+            .map(|q| QueueEventFd {
+                queue: q,
+                addr: 0x1000 + 4 * u64::from(q),
+                fd: EventFd::new(EFD_NONBLOCK).unwrap(),
+            })
+            .collect();
+        let wake = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kick1 = doorbells[1].fd.try_clone().unwrap();
+        let worker = NotifyWorker::spawn_with_wakeups(
+            target.clone(),
+            doorbells,
+            vec![(7, wake.try_clone().unwrap())],
+        )
+        .unwrap();
+        wake.write(1).unwrap();
+        assert_eq!(wait_for(&target, 1), [7]);
+        kick1.write(3).unwrap(); // coalesced kicks: one pass
+        assert_eq!(wait_for(&target, 2), [7, 1]);
+        let back = worker.stop();
+        assert_eq!(
+            back.iter().map(|q| (q.queue, q.addr)).collect::<Vec<_>>(),
+            [(0, 0x1000), (1, 0x1004)],
+            "stop returns the doorbells only"
+        );
+        assert_eq!(target.lock().unwrap().0, [7, 1]);
     }
 }
