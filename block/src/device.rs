@@ -2,7 +2,9 @@
 //!
 //! Queue notifications run [`QueueWorker::process`] on the notified queue; with the io_uring
 //! engine, the VMM also watches each queue's completion eventfd ([`Block::completion_fds`]) and
-//! calls [`Block::process_completions`]. When the rate limiter stops a queue the VMM calls
+//! calls [`Block::process_completions`] — or hands [`Block::completion_eventfds`] to
+//! vmkit-virtio's `NotifyWorker::spawn_with_wakeups`, whose pass over a woken queue (a queue
+//! notification) also completes what finished. When the rate limiter stops a queue the VMM calls
 //! [`Block::retry_throttled`] after [`Block::throttled_for`].
 
 use std::os::fd::{AsRawFd, RawFd};
@@ -11,6 +13,7 @@ use std::time::Duration;
 
 use vm_memory::{GuestMemory, GuestMemoryMmap};
 use vmkit_virtio::{Activation, DeviceError, InterruptCause, VirtioDevice};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::BlockConfig;
 use crate::defs::*;
@@ -139,6 +142,20 @@ impl<M> Block<M> {
             .iter()
             .enumerate()
             .filter_map(|(i, w)| w.uring().map(|u| (i as u16, u.completion_fd().as_raw_fd())))
+            .collect()
+    }
+
+    /// Duplicates of the completion eventfds of [`Block::completion_fds`], owned by the caller:
+    /// what vmkit-virtio's `NotifyWorker::spawn_with_wakeups` takes, so the thread that serves
+    /// the queue's doorbell also completes its io_uring requests (a notification's pass over
+    /// the queue reaps finished requests as well as submitting new ones). Empty with the
+    /// synchronous engine.
+    pub fn completion_eventfds(&self) -> std::io::Result<Vec<(u16, EventFd)>> {
+        self.workers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| w.uring().map(|u| (i as u16, u.completion_fd())))
+            .map(|(i, fd)| Ok((i, fd.try_clone()?)))
             .collect()
     }
 
