@@ -37,6 +37,7 @@ use vmkit_vcpu::{
 use vmkit_virtio::VirtioDevice;
 use vmkit_virtio::notify::{NotifyWorker, register_ioeventfds};
 use vmkit_virtio::pci::VirtioPciTransport;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::guest::{
     BAR, CODE, COM1, DEBUG_EXIT, HANDLER, IDT, IDTR, PAGE_TABLES, PCI_SLOT, STACK_TOP, VECTOR,
@@ -131,6 +132,20 @@ impl PciMachine {
     where
         D: VirtioDevice<GuestMemoryMmap> + 'static,
     {
+        self.add_virtio_waking(name, device, Vec::new())
+    }
+
+    /// [`PciMachine::add_virtio`], and the notify worker also runs queue `q` when a `(q, fd)`
+    /// of `wakeups` fires (e.g. vmkit-block's io_uring completion eventfds).
+    pub fn add_virtio_waking<D>(
+        &mut self,
+        name: &str,
+        device: D,
+        wakeups: Vec<(u16, EventFd)>,
+    ) -> Result<VirtioFunction<D>, Error>
+    where
+        D: VirtioDevice<GuestMemoryMmap> + 'static,
+    {
         // Its MSI-X vectors get irqfds before the transport takes them.
         let msix = VirtioPciTransport::<D>::msix_for(&device, self.router.clone())?;
         self.router.attach_msix(&msix)?;
@@ -141,7 +156,7 @@ impl PciMachine {
         self.root.add(PCI_SLOT, 0, name, transport.clone())?;
         // Doorbells through ioeventfd at the BAR address the example guests program.
         let fds = register_ioeventfds(self.vm.fd(), &doorbells)?;
-        let worker = NotifyWorker::spawn(transport.clone(), fds)?;
+        let worker = NotifyWorker::spawn_with_wakeups(transport.clone(), fds, wakeups)?;
         Ok(VirtioFunction {
             transport,
             msix_cap,
