@@ -149,8 +149,8 @@ impl PciMachine {
         // Its MSI-X vectors get irqfds before the transport takes them.
         let msix = VirtioPciTransport::<D>::msix_for(&device, self.router.clone())?;
         self.router.attach_msix(&msix)?;
-        let mut function = VirtioPciTransport::new(device, self.mem.clone(), msix)?;
-        let msix_cap = msix_cap(&mut function).ok_or("no MSI-X capability")?;
+        let function = VirtioPciTransport::new(device, self.mem.clone(), msix)?;
+        let msix_cap = msix_cap(&function).ok_or("no MSI-X capability")?;
         let doorbells = function.notify_addresses(BAR);
         let transport = Arc::new(Mutex::new(function));
         self.root.add(PCI_SLOT, 0, name, transport.clone())?;
@@ -237,17 +237,9 @@ pub fn exit_code(name: &str, result: Result<u32, Error>) -> ExitCode {
     }
 }
 
-/// Find the MSI-X capability by walking `f`'s capability list.
-fn msix_cap(f: &mut impl PciFunction) -> Option<u16> {
-    let mut p = [0u8; 2];
-    f.config_read(0x34, &mut p[..1]);
-    let mut at = p[0] as u16;
-    while at != 0 {
-        f.config_read(at, &mut p);
-        if p[0] == cap_id::MSIX {
-            return Some(at);
-        }
-        at = p[1] as u16;
-    }
-    None
+/// Where `f`'s MSI-X capability is (walking its capability list as a guest would).
+fn msix_cap(f: &impl PciFunction) -> Option<u16> {
+    let caps = f.config_space().capabilities();
+    caps.into_iter()
+        .find_map(|(id, at)| (id == cap_id::MSIX).then_some(at))
 }

@@ -300,18 +300,11 @@ fn irq_guest(
     Ok((g.vm, g.vcpu, g.mem))
 }
 
-fn msix_cap(f: &mut impl PciFunction) -> u16 {
-    let mut p = [0u8; 2];
-    f.config_read(0x34, &mut p[..1]);
-    let mut at = p[0] as u16;
-    while at != 0 {
-        f.config_read(at, &mut p);
-        if p[0] == cap_id::MSIX {
-            return at;
-        }
-        at = p[1] as u16;
-    }
-    panic!("no MSI-X capability");
+fn msix_cap(f: &impl PciFunction) -> u16 {
+    let caps = f.config_space().capabilities();
+    caps.into_iter()
+        .find_map(|(id, at)| (id == cap_id::MSIX).then_some(at))
+        .expect("no MSI-X capability")
 }
 
 /// The guest programs BAR 0, enables MSI-X and points queue 0 at vector 1 (IDT vector 0x41),
@@ -368,10 +361,7 @@ fn msix_rng_guest(relocate_to: Option<u64>) {
     // The MSI-X capability offset is a property of the transport; read it off a twin.
     let cap = {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        msix_cap(&mut rng_function(
-            mem,
-            Arc::new(RecordingMsiSink::default()),
-        ))
+        msix_cap(&rng_function(mem, Arc::new(RecordingMsiSink::default())))
     } as u32;
     let cfg_write =
         |a: &mut CodeAssembler, reg: u32, v: u32, word: bool| -> Result<(), IcedError> {
