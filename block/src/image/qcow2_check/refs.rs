@@ -67,12 +67,16 @@ pub(super) fn refcount_entry(b: &[u8], i: u64, order: u32) -> u64 {
 pub(super) struct RefMap {
     small: Vec<u16>,
     big: HashMap<u64, u64>,
-    who: Vec<u8>,
+    /// Who first referenced each cluster (`Option<Referrer>` is one byte).
+    who: Vec<Option<Referrer>>,
     len: u64,
     max: u64,
 }
 
 const BIG: u16 = u16::MAX;
+
+// The referrer map stays one byte a cluster.
+const _: () = assert!(std::mem::size_of::<Option<Referrer>>() == 1);
 
 impl RefMap {
     /// A map of `len` clusters with room for `cap` (`cap >= len`), counts saturating at `max`.
@@ -82,7 +86,7 @@ impl RefMap {
             small: vec![0; cap],
             big: HashMap::new(),
             who: if track_referrers {
-                vec![0; cap]
+                vec![None; cap]
             } else {
                 Vec::new()
             },
@@ -125,8 +129,9 @@ impl RefMap {
 
     /// Who first referenced cluster `k`.
     pub fn referrer(&self, k: u64) -> Option<Referrer> {
-        let b = usize::try_from(k).ok().and_then(|i| self.who.get(i))?;
-        Referrer::from_u8(*b)
+        usize::try_from(k)
+            .ok()
+            .and_then(|i| self.who.get(i).copied())?
     }
 
     /// Add `n` references to cluster `k`; returns how many of them overflowed the maximum.
@@ -134,9 +139,9 @@ impl RefMap {
         let cur = self.get(k);
         let new = cur.saturating_add(n);
         if let Some(w) = usize::try_from(k).ok().and_then(|i| self.who.get_mut(i))
-            && *w == 0
+            && w.is_none()
         {
-            *w = who as u8;
+            *w = Some(who);
         }
         if new > self.max {
             self.set(k, self.max);

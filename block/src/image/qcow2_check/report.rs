@@ -37,29 +37,6 @@ pub enum Referrer {
     EncryptionHeader,
 }
 
-impl Referrer {
-    pub(super) fn from_u8(b: u8) -> Option<Self> {
-        use Referrer::*;
-        [
-            Header,
-            L1Table,
-            L2Table,
-            Data,
-            Compressed,
-            RefcountTable,
-            RefcountBlock,
-            SnapshotTable,
-            SnapshotL1Table,
-            BitmapDirectory,
-            BitmapTable,
-            BitmapData,
-            EncryptionHeader,
-        ]
-        .get(usize::from(b).wrapping_sub(1))
-        .copied()
-    }
-}
-
 /// One problem [`check`](super::check) found. Each is counted in [`CheckReport::corruptions`] (once per
 /// table that names it) except [`Finding::Leaked`] (a leak) and
 /// [`Finding::UnreadableRefcount`] (a check error).
