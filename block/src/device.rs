@@ -138,10 +138,8 @@ impl<M> Block<M> {
 
     /// `(queue, eventfd)` for every queue using io_uring: readable when completions wait.
     pub fn completion_fds(&self) -> Vec<(u16, RawFd)> {
-        self.workers
-            .iter()
-            .enumerate()
-            .filter_map(|(i, w)| w.uring().map(|u| (i as u16, u.completion_fd().as_raw_fd())))
+        self.completion_eventfd_refs()
+            .map(|(i, fd)| (i, fd.as_raw_fd()))
             .collect()
     }
 
@@ -151,12 +149,17 @@ impl<M> Block<M> {
     /// the queue reaps finished requests as well as submitting new ones). Empty with the
     /// synchronous engine.
     pub fn completion_eventfds(&self) -> std::io::Result<Vec<(u16, EventFd)>> {
+        self.completion_eventfd_refs()
+            .map(|(i, fd)| Ok((i, fd.try_clone()?)))
+            .collect()
+    }
+
+    /// `(queue, completion eventfd)` of every queue using io_uring.
+    fn completion_eventfd_refs(&self) -> impl Iterator<Item = (u16, &EventFd)> {
         self.workers
             .iter()
             .enumerate()
             .filter_map(|(i, w)| w.uring().map(|u| (i as u16, u.completion_fd())))
-            .map(|(i, fd)| Ok((i, fd.try_clone()?)))
-            .collect()
     }
 
     /// How long until a throttled queue can go on (None: not throttled).
