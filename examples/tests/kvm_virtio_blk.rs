@@ -239,12 +239,12 @@ fn virtio_blk_usage_and_image_errors() {
     for (args, code, message) in [
         (
             &["--bogus"][..],
-            2,
+            0x80,
             "virtio_blk: unknown option --bogus\nusage: virtio_blk [IMAGE] [--read-only] [--io-uring]",
         ),
         (
             &["a.raw", "b.raw"],
-            2,
+            0x80,
             "virtio_blk: more than one IMAGE\nusage: virtio_blk",
         ),
         (

@@ -38,7 +38,8 @@
 //! that does not already hold the pattern exits with **17**: the OUT comes back
 //! `VIRTIO_BLK_S_IOERR` (printed `status 01 (IOERR)`) and the read returns the old data.
 //! `0x40`: no virtio-blk function found; `0x41`..`0x44`: no interrupt for request 1..4;
-//! `2` usage error, `255` VMM error (both before the guest runs; the message is on stderr).
+//! `0x80` usage error, `255` VMM error (both before the guest runs; the message is on stderr).
+//! The four groups never overlap, so every status names one outcome.
 //!
 //! The VMM prints the guest's console output, the device's counters (JSON), the transport's
 //! and MSI-X counters and a table of exits.
@@ -302,7 +303,7 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => {
             eprintln!("virtio_blk: {e}\n{USAGE}");
-            return ExitCode::from(2);
+            return ExitCode::from(0x80);
         }
     };
     exit_code("virtio_blk", run(args))
