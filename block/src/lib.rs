@@ -7,6 +7,7 @@ pub mod config;
 pub mod defs;
 pub mod device;
 pub mod exec;
+mod fast;
 mod guest;
 pub mod image;
 pub mod metrics;
