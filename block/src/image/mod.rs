@@ -10,6 +10,7 @@
 
 pub mod qcow2;
 pub mod qcow2_check;
+mod qcow2_header;
 pub mod raw;
 
 use std::io::{IoSlice, IoSliceMut};

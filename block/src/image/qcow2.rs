@@ -316,13 +316,9 @@ impl DiskImage for Qcow2Image {
 fn check_refcount_coverage(file: &std::fs::File) -> Result<(), ImageError> {
     use std::os::unix::fs::FileExt;
     let bad = |why: &str| ImageError::Format(std::io::Error::other(why.to_string()));
-    let mut hdr = [0u8; 100];
-    file.read_exact_at(&mut hdr, 0).map_err(ImageError::Io)?;
-    let be32 = |o: usize| u32::from_be_bytes([hdr[o], hdr[o + 1], hdr[o + 2], hdr[o + 3]]);
-    let be64 = |o: usize| (u64::from(be32(o)) << 32) | u64::from(be32(o + 4));
-    let version = be32(4);
-    let cluster_bits = be32(20);
-    let refcount_order = if version >= 3 { be32(96) } else { 4 };
+    let h = super::qcow2_header::HeaderFields::read(file)?;
+    let cluster_bits = h.cluster_bits();
+    let refcount_order = h.refcount_order();
     if !(9..=21).contains(&cluster_bits) || refcount_order > 6 {
         return Err(bad("qcow2: cluster_bits or refcount_order out of range"));
     }
@@ -334,11 +330,11 @@ fn check_refcount_coverage(file: &std::fs::File) -> Result<(), ImageError> {
     }
     let last_cluster = (file_len - 1) >> cluster_bits;
     let needed = (last_cluster >> rb_bits) + 1;
-    let rt_entries = u64::from(be32(56)) << (cluster_bits - 3);
+    let rt_entries = h.refcount_table_clusters() << (cluster_bits - 3);
     if needed > rt_entries {
         return Err(bad("qcow2: refcount table too small for the file"));
     }
-    let rt_offset = be64(48);
+    let rt_offset = h.refcount_table_offset();
     rt_offset
         .checked_add(needed * 8)
         .ok_or_else(|| bad("qcow2: refcount table offset overflows"))?;

@@ -3,6 +3,7 @@
 //! would not open is refused here with [`ImageError::Format`].
 
 use super::refs::{Src, be64_at};
+use crate::image::qcow2_header::{FIXED_HEADER_BYTES, HeaderFields};
 use crate::image::{ImageError, QCOW2_MAGIC};
 
 /// Largest L1 table QEMU accepts, in bytes (`QCOW_MAX_L1_SIZE`).
@@ -94,30 +95,27 @@ fn table_ok(offset: u64, bytes: u64, cs: u64) -> bool {
 
 /// Read and validate the header and its extensions.
 pub(super) fn header(src: &Src<'_>) -> Result<Header, ImageError> {
-    let mut h = [0u8; 112];
-    src.read(&mut h, 0)?;
-    if h[..4] != QCOW2_MAGIC {
+    let mut bytes = [0u8; FIXED_HEADER_BYTES];
+    src.read(&mut bytes, 0)?;
+    let h = HeaderFields::new(bytes);
+    if h.magic() != QCOW2_MAGIC {
         return Err(bad("no qcow2 magic"));
     }
-    let version = be32_at(&h, 4);
+    let version = h.version();
     if version != 2 && version != 3 {
         return Err(bad("unsupported version"));
     }
-    let cluster_bits = be32_at(&h, 20);
+    let cluster_bits = h.cluster_bits();
     if !(9..=21).contains(&cluster_bits) {
         return Err(bad("cluster_bits out of range"));
     }
     let cs = 1u64 << cluster_bits;
-    let (incompat, autoclear, refcount_order, header_length) = if version == 3 {
-        (
-            be64_at(&h, 72),
-            be64_at(&h, 88),
-            be32_at(&h, 96),
-            u64::from(be32_at(&h, 100)),
-        )
-    } else {
-        (0, 0, 4, 72)
-    };
+    let (incompat, autoclear, refcount_order, header_length) = (
+        h.incompatible_features(),
+        h.autoclear_features(),
+        h.refcount_order(),
+        h.header_length(),
+    );
     if version == 3 && (header_length < 104 || header_length > cs) {
         return Err(bad("header_length out of range"));
     }
@@ -134,12 +132,12 @@ pub(super) fn header(src: &Src<'_>) -> Result<Header, ImageError> {
     if extended_l2 && cluster_bits < 14 {
         return Err(bad("extended L2 entries need clusters of 16 KiB or more"));
     }
-    let l1_size = u64::from(be32_at(&h, 36));
-    let l1_table_offset = be64_at(&h, 40);
+    let l1_size = h.l1_size();
+    let l1_table_offset = h.l1_table_offset();
     if l1_size * 8 > QCOW_MAX_L1_SIZE || !table_ok(l1_table_offset, l1_size * 8, cs) {
         return Err(bad("invalid L1 table"));
     }
-    let size = be64_at(&h, 24);
+    let size = h.size();
     let entry = if extended_l2 { 16 } else { 8 };
     // Bytes one L1 entry maps: a cluster of L2 entries, each mapping a cluster.
     let per_l1 = (cs / entry) << cluster_bits;
@@ -150,28 +148,27 @@ pub(super) fn header(src: &Src<'_>) -> Result<Header, ImageError> {
     if needed > l1_size {
         return Err(bad("L1 table too small for the disk size"));
     }
-    if be32_at(&h, 32) > QCOW_CRYPT_LUKS {
+    if h.crypt_method() > QCOW_CRYPT_LUKS {
         return Err(bad("unknown encryption method"));
     }
-    // Compression type (byte 104, present when the header is longer than 104 bytes): zlib (0)
-    // without incompatible bit 3, zstd (1) with it.
-    let compression = if header_length > 104 { h[104] } else { 0 };
+    // Compression type: zlib (0) without incompatible bit 3, zstd (1) with it.
+    let compression = h.compression_type();
     if compression > 1 || (compression == 1) != (incompat & INCOMPAT_COMPRESSION != 0) {
         return Err(bad("invalid compression type"));
     }
-    let refcount_table_clusters = u64::from(be32_at(&h, 56));
-    let refcount_table_offset = be64_at(&h, 48);
+    let refcount_table_clusters = h.refcount_table_clusters();
+    let refcount_table_offset = h.refcount_table_offset();
     if refcount_table_clusters > QCOW_MAX_REFTABLE_SIZE / cs
         || !table_ok(refcount_table_offset, refcount_table_clusters * cs, cs)
     {
         return Err(bad("invalid refcount table"));
     }
-    let nb_snapshots = u64::from(be32_at(&h, 60));
-    let snapshots_offset = be64_at(&h, 64);
+    let nb_snapshots = h.nb_snapshots();
+    let snapshots_offset = h.snapshots_offset();
     if nb_snapshots > QCOW_MAX_SNAPSHOTS || !table_ok(snapshots_offset, nb_snapshots * 40, cs) {
         return Err(bad("invalid snapshot table"));
     }
-    let backing_file_offset = be64_at(&h, 8);
+    let backing_file_offset = h.backing_file_offset();
     if backing_file_offset > cs {
         return Err(bad("invalid backing file offset"));
     }
@@ -201,7 +198,7 @@ pub(super) fn header(src: &Src<'_>) -> Result<Header, ImageError> {
         header_length,
         ext_end,
         autoclear,
-        be32_at(&h, 32),
+        h.crypt_method(),
     )?;
     Ok(out)
 }
