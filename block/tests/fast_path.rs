@@ -528,34 +528,26 @@ fn the_fast_path_serves_single_buffer_reads_and_writes() {
 
 #[test]
 fn requests_the_fast_path_leaves_to_the_parser_get_its_statuses() {
-    // A read-only device: an OUT is refused by the parser (IOERR, invalid_requests).
     let read_only = Limits {
         read_only: true,
         ..USUAL
     };
-    let mut r = rig(Kind::Raw, true, read_only);
-    place_chains(&mut r.h, &one_request(VIRTIO_BLK_T_OUT));
-    let out = r.run();
-    assert_eq!(out.used, vec![(0, 1)]);
-    assert_eq!(
-        out.memory[(BUF_START + 0xc000) as usize],
-        VIRTIO_BLK_S_IOERR as u8
-    );
-    assert_eq!(out.metrics.invalid_requests, 1);
-    assert_eq!(out.metrics.writes, 0);
-    // A read past the end of the disk: the same.
-    let mut r = rig(Kind::Raw, true, USUAL);
-    let mut c = one_request(VIRTIO_BLK_T_IN);
-    c[0].sector = DISK / 512 - 1;
-    place_chains(&mut r.h, &c);
-    let out = r.run();
-    assert_eq!(out.used, vec![(0, 1)]);
-    assert_eq!(
-        out.memory[(BUF_START + 0xc000) as usize],
-        VIRTIO_BLK_S_IOERR as u8
-    );
-    assert_eq!(out.metrics.invalid_requests, 1);
-    assert_eq!(out.metrics.reads, 0);
+    let past_end = twisted(false, DISK / 512 - 1, 4096, &[]);
+    // An OUT to a read-only device, a read past the end of the disk: refused by the parser
+    // (IOERR, invalid_requests), nothing read or written.
+    for (what, limits, chain) in [
+        ("read-only", read_only, one_request(VIRTIO_BLK_T_OUT)),
+        ("past the end", USUAL, vec![past_end]),
+    ] {
+        let mut r = rig(Kind::Raw, true, limits);
+        place_chains(&mut r.h, &chain);
+        let out = r.run();
+        assert_eq!(out.used, vec![(0, 1)], "{what}");
+        let status = out.memory[(BUF_START + 0xc000) as usize];
+        assert_eq!(status, VIRTIO_BLK_S_IOERR as u8, "{what}");
+        assert_eq!(out.metrics.invalid_requests, 1, "{what}");
+        assert_eq!((out.metrics.reads, out.metrics.writes), (0, 0), "{what}");
+    }
 }
 
 /// Guest pages the device writes are marked dirty (for live migration) by both paths alike:
