@@ -1,11 +1,12 @@
 //! The synchronous engine's fast path for the request nearly every driver sends: a read or
-//! write of one buffer on a raw image.
+//! write of one buffer.
 //!
 //! [`try_read_write`] accepts exactly one chain shape — a device-readable header of at least 16
 //! bytes, one data descriptor of the request's direction, a device-writable status descriptor,
 //! all in one memory region each — and does it in one pass: it checks what the parser would
-//! check, calls `pread`/`pwrite` on the raw image's file descriptor (as the io_uring engine
-//! does) straight on the guest buffer, stores the status byte and counts the request. Anything
+//! check, calls `pread`/`pwrite` on a raw image's file descriptor (as the io_uring engine does;
+//! one `read_vectored`/`write_vectored` for other images) straight on the guest buffer, stores
+//! the status byte and counts the request. Anything
 //! else — another request type, more or fewer descriptors, any field the parser would reject,
 //! a buffer across memory regions — returns `None` *before any effect*, and the chain goes
 //! through the general path ([`crate::request::parse_reusing`] and [`crate::exec`]), which
