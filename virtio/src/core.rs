@@ -466,6 +466,19 @@ where
         }
     }
 
+    /// The device's own event asks for a pass over queue `index` (see
+    /// `QueueNotify::wake_queue`): forward it like [`Self::notify`] without counting a driver
+    /// notification. Ignored, uncounted, while the device is not active — a late completion
+    /// after a reset is no driver mistake.
+    pub fn wake(&mut self, index: u16) {
+        if !self.activated || index >= self.num_queues() || self.status & STATUS_NEEDS_RESET != 0 {
+            return;
+        }
+        if let Err(e) = self.device.queue_notify(index) {
+            self.device_error(e);
+        }
+    }
+
     /// A doorbell write trapped to the transport: count it, then [`Self::notify`].
     pub fn trapped_notify(&mut self, index: u16) {
         self.metrics.trapped_notifies += 1;

@@ -221,6 +221,12 @@ where
         self.core.notify(index);
     }
 
+    /// Run queue `index` for the device's own event (a completion eventfd: what
+    /// `NotifyWorker::spawn_with_wakeups` calls); not counted as a driver notification.
+    pub fn wake_queue(&mut self, index: u16) {
+        self.core.wake(index);
+    }
+
     /// Where queue notifications land for a window at `base`: `(address, datamatch, queue)`
     /// for each queue, for ioeventfd registration (4-byte writes of the queue index).
     pub fn notify_addresses(&self, base: u64) -> Vec<(u64, Option<u32>, u16)> {

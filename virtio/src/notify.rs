@@ -53,6 +53,13 @@ pub enum NotifyError {
 pub trait QueueNotify: Send {
     /// The driver notified queue `index`.
     fn notify_queue(&mut self, index: u16);
+
+    /// The device's own event (not the driver's) asks for a pass over queue `index`, e.g. an
+    /// asynchronous engine's completion eventfd. The default treats it as a notification; the
+    /// transports run the pass without counting a driver notification.
+    fn wake_queue(&mut self, index: u16) {
+        self.notify_queue(index);
+    }
 }
 
 impl<D, M> QueueNotify for MmioTransport<D, M>
@@ -63,6 +70,9 @@ where
     fn notify_queue(&mut self, index: u16) {
         MmioTransport::notify_queue(self, index)
     }
+    fn wake_queue(&mut self, index: u16) {
+        MmioTransport::wake_queue(self, index)
+    }
 }
 
 impl<D, M> QueueNotify for VirtioPciTransport<D, M>
@@ -72,6 +82,9 @@ where
 {
     fn notify_queue(&mut self, index: u16) {
         VirtioPciTransport::notify_queue(self, index)
+    }
+    fn wake_queue(&mut self, index: u16) {
+        VirtioPciTransport::wake_queue(self, index)
     }
 }
 
@@ -216,9 +229,10 @@ impl NotifyWorker {
     /// [`NotifyWorker::spawn`], and also run queue `q` whenever a `(q, fd)` of `wakeups` is
     /// signalled: a device's own event, such as an asynchronous engine's completion eventfd
     /// (vmkit-block's `Block::completion_eventfds`), whose pass over the queue puts finished
-    /// requests on the used ring as well as taking new ones. The transport counts such a
-    /// wake-up as a queue notification. [`NotifyWorker::stop`] returns only the doorbells; the
-    /// wake-up eventfds are closed.
+    /// requests on the used ring as well as taking new ones. A wake-up reaches the target as
+    /// [`QueueNotify::wake_queue`], which the transports do not count as a driver
+    /// notification. [`NotifyWorker::stop`] returns only the doorbells; the wake-up eventfds
+    /// are closed.
     pub fn spawn_with_wakeups<T: QueueNotify + 'static>(
         target: Arc<Mutex<T>>,
         fds: Vec<QueueEventFd>,
@@ -296,19 +310,21 @@ fn serve<T: QueueNotify>(
             }
             // Tokens number the doorbells first, then the wake-ups.
             let token = token as usize;
-            let (queue, fd) = match fds.get(token) {
-                Some(q) => (q.queue, &q.fd),
+            let (queue, fd, wake) = match fds.get(token) {
+                Some(q) => (q.queue, &q.fd, false),
                 None => match token.checked_sub(fds.len()).and_then(|i| wakeups.get(i)) {
-                    Some((queue, fd)) => (*queue, fd),
+                    Some((queue, fd)) => (*queue, fd, true),
                     None => continue,
                 },
             };
             // Coalesced kicks read as one count; one pass over the queue serves them all.
             if fd.read().is_ok() {
-                target
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .notify_queue(queue);
+                let mut t = target.lock().unwrap_or_else(|e| e.into_inner());
+                if wake {
+                    t.wake_queue(queue);
+                } else {
+                    t.notify_queue(queue);
+                }
             }
         }
     }
@@ -326,6 +342,10 @@ mod tests {
     impl QueueNotify for Recorder {
         fn notify_queue(&mut self, index: u16) {
             self.0.push(index);
+        }
+        /// Wake-ups recorded as `100 + index`.
+        fn wake_queue(&mut self, index: u16) {
+            self.0.push(100 + index);
         }
     }
 
@@ -359,15 +379,15 @@ mod tests {
         )
         .unwrap();
         wake.write(1).unwrap();
-        assert_eq!(wait_for(&target, 1), [7]);
+        assert_eq!(wait_for(&target, 1), [107], "a wake-up, not a notification");
         kick1.write(3).unwrap(); // coalesced kicks: one pass
-        assert_eq!(wait_for(&target, 2), [7, 1]);
+        assert_eq!(wait_for(&target, 2), [107, 1]);
         let back = worker.stop();
         assert_eq!(
             back.iter().map(|q| (q.queue, q.addr)).collect::<Vec<_>>(),
             [(0, 0x1000), (1, 0x1004)],
             "stop returns the doorbells only"
         );
-        assert_eq!(target.lock().unwrap().0, [7, 1]);
+        assert_eq!(target.lock().unwrap().0, [107, 1]);
     }
 }

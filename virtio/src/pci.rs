@@ -488,6 +488,12 @@ where
         self.core.notify(index);
     }
 
+    /// Run queue `index` for the device's own event (a completion eventfd: what
+    /// `NotifyWorker::spawn_with_wakeups` calls); not counted as a driver notification.
+    pub fn wake_queue(&mut self, index: u16) {
+        self.core.wake(index);
+    }
+
     /// Doorbell addresses once BAR 0 is at `bar_base`: `(address, datamatch, queue)` for
     /// ioeventfd registration (any write width, no datamatch).
     pub fn notify_addresses(&self, bar_base: u64) -> Vec<(u64, Option<u32>, u16)> {

@@ -268,6 +268,21 @@ fn queue_writes_before_features_ok_or_after_driver_ok_are_ignored() {
     assert_eq!(h.read32(0x44), 1);
 }
 
+/// A wake-up (the device's own event) runs the queue like a notification but is not counted as
+/// one, and is ignored without counting before activation and for a missing queue.
+#[test]
+fn wake_ups_run_queues_without_counting_notifications() {
+    let (mut h, seen) = dummy();
+    h.transport_mut().wake_queue(0); // before DRIVER_OK
+    h.activate(V1).unwrap();
+    h.transport_mut().wake_queue(1);
+    h.transport_mut().wake_queue(2); // no such queue
+    h.kick(0);
+    assert_eq!(seen.lock().unwrap().notifies, [1, 0]);
+    let m = h.transport().metrics();
+    assert_eq!((m.notifies, m.bad_notifies), (1, 0));
+}
+
 #[test]
 fn notify_semantics() {
     let (mut h, seen) = dummy();
