@@ -93,25 +93,7 @@ pub(crate) fn try_read_write<M: GuestMemory>(
     let (buf, offset) = (guard.as_ptr(), sector << SECTOR_SHIFT);
     let ok = match fd {
         Some(fd) => transfer(fd, buf, len as usize, offset, write),
-        // SAFETY: `buf` maps `len` bytes of guest memory that the chain lends the device for
-        // this request (device-writable for reads); the mapping outlives the call.
-        None if write => disk
-            .write_vectored(
-                &[IoSlice::new(unsafe {
-                    std::slice::from_raw_parts(buf, len as usize)
-                })],
-                offset,
-            )
-            .is_ok(),
-        // SAFETY: as above.
-        None => disk
-            .read_vectored(
-                &mut [IoSliceMut::new(unsafe {
-                    std::slice::from_raw_parts_mut(buf, len as usize)
-                })],
-                offset,
-            )
-            .is_ok(),
+        None => image_transfer(disk, buf, len as usize, offset, write),
     };
     let (code, used) = match (ok, write) {
         (true, true) => {
@@ -132,6 +114,28 @@ pub(crate) fn try_read_write<M: GuestMemory>(
         return Some(0);
     }
     Some(used)
+}
+
+/// Move the `len` bytes at `buf` to (`write`) or from `disk` at `offset` with one vectored call
+/// of the image.
+fn image_transfer(
+    disk: &mut dyn DiskImage,
+    buf: *mut u8,
+    len: usize,
+    offset: u64,
+    write: bool,
+) -> bool {
+    if write {
+        // SAFETY: `buf` maps `len` bytes of guest memory that the chain lends the device for
+        // this request; the mapping outlives the call.
+        let data = unsafe { std::slice::from_raw_parts(buf, len) };
+        disk.write_vectored(&[IoSlice::new(data)], offset).is_ok()
+    } else {
+        // SAFETY: as above, and the buffer is device-writable.
+        let data = unsafe { std::slice::from_raw_parts_mut(buf, len) };
+        disk.read_vectored(&mut [IoSliceMut::new(data)], offset)
+            .is_ok()
+    }
 }
 
 /// Move all `len` bytes at `buf` to (`write`) or from the file `fd` at `offset`. One system
