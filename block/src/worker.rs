@@ -132,9 +132,8 @@ impl QueueWorker {
     /// (the code matters most: it runs cold after each system call). Every other chain, and
     /// every chain the parser would reject, takes the general path. Results — status byte,
     /// used length, guest memory and its dirty pages, image contents, metrics — are the same
-    /// either way
-    /// (the differential tests and the `blk_request` fuzz target compare them); off is for
-    /// such comparisons and for debugging.
+    /// either way (the differential tests and the `blk_request` fuzz target compare them);
+    /// off is for such comparisons and for debugging.
     pub fn with_fast_path(mut self, on: bool) -> Self {
         self.fast_path = on;
         self

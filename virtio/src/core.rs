@@ -456,7 +456,7 @@ where
     /// The driver notified queue `index`: forward to the device once it is active. A device
     /// error sets `DEVICE_NEEDS_RESET`.
     pub fn notify(&mut self, index: u16) {
-        if !self.activated || index >= self.num_queues() || self.status & STATUS_NEEDS_RESET != 0 {
+        if !self.runs_queue(index) {
             self.metrics.bad_notifies += 1;
             return;
         }
@@ -471,12 +471,18 @@ where
     /// notification. Ignored, uncounted, while the device is not active — a late completion
     /// after a reset is no driver mistake.
     pub fn wake(&mut self, index: u16) {
-        if !self.activated || index >= self.num_queues() || self.status & STATUS_NEEDS_RESET != 0 {
+        if !self.runs_queue(index) {
             return;
         }
         if let Err(e) = self.device.queue_notify(index) {
             self.device_error(e);
         }
+    }
+
+    /// Whether queue `index` may run: the device is active, has the queue, and does not need
+    /// a reset.
+    fn runs_queue(&self, index: u16) -> bool {
+        self.activated && index < self.num_queues() && self.status & STATUS_NEEDS_RESET == 0
     }
 
     /// A doorbell write trapped to the transport: count it, then [`Self::notify`].
