@@ -52,8 +52,9 @@ pub use report::{CheckReport, Finding, MAX_FINDINGS, Referrer};
 use std::path::Path;
 
 use super::ImageError;
+use super::qcow2_header::be64_at;
 use layout::{Header, QCOW_MAX_L1_SIZE, bad};
-use refs::{RefMap, Regions, Src, Sweep, be64_at, refcount_entry};
+use refs::{RefMap, Regions, Src, Sweep, refcount_entry};
 
 /// Most clusters a checked file may have (QEMU refuses more than `INT_MAX` too).
 pub const MAX_CLUSTERS: u64 = i32::MAX as u64;

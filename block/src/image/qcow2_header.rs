@@ -2,7 +2,7 @@
 //! any validation. Two readers share them and validate what each needs: the writable open's
 //! refcount-coverage check (`qcow2.rs`) and the consistency check (`qcow2_check::layout`),
 //! which refuses far more — using the check's rules on every open would refuse images QEMU
-//! and imago open.
+//! and imago open. The big-endian readers serve the check's other tables too.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -12,6 +12,24 @@ use super::ImageError;
 /// Bytes of the header the fields below lie in (the version 3 header with its compression
 /// type byte, padded).
 pub(crate) const FIXED_HEADER_BYTES: usize = 112;
+
+/// Big-endian `u32` at `o` of `b` (zero where `b` is too short).
+pub(crate) fn be32_at(b: &[u8], o: usize) -> u32 {
+    let mut w = [0u8; 4];
+    if let Some(s) = b.get(o..o.saturating_add(4)) {
+        w.copy_from_slice(s);
+    }
+    u32::from_be_bytes(w)
+}
+
+/// Big-endian `u64` at `o` of `b` (zero where `b` is too short).
+pub(crate) fn be64_at(b: &[u8], o: usize) -> u64 {
+    let mut w = [0u8; 8];
+    if let Some(s) = b.get(o..o.saturating_add(8)) {
+        w.copy_from_slice(s);
+    }
+    u64::from_be_bytes(w)
+}
 
 /// A qcow2 header's first [`FIXED_HEADER_BYTES`] bytes (zeroes past the end of a short file).
 pub(crate) struct HeaderFields([u8; FIXED_HEADER_BYTES]);
@@ -34,15 +52,11 @@ impl HeaderFields {
     }
 
     fn be32(&self, o: usize) -> u32 {
-        let mut w = [0u8; 4];
-        if let Some(s) = self.0.get(o..o + 4) {
-            w.copy_from_slice(s);
-        }
-        u32::from_be_bytes(w)
+        be32_at(&self.0, o)
     }
 
     fn be64(&self, o: usize) -> u64 {
-        (u64::from(self.be32(o)) << 32) | u64::from(self.be32(o + 4))
+        be64_at(&self.0, o)
     }
 
     /// Bytes 0–3: `QFI\xfb`.

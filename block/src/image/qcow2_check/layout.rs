@@ -2,8 +2,8 @@
 //! limits QEMU applies when it opens an image (`block/qcow2.c` `qcow2_do_open`): an image QEMU
 //! would not open is refused here with [`ImageError::Format`].
 
-use super::refs::{Src, be64_at};
-use crate::image::qcow2_header::{FIXED_HEADER_BYTES, HeaderFields};
+use super::refs::Src;
+use crate::image::qcow2_header::{FIXED_HEADER_BYTES, HeaderFields, be32_at, be64_at};
 use crate::image::{ImageError, QCOW2_MAGIC};
 
 /// Largest L1 table QEMU accepts, in bytes (`QCOW_MAX_L1_SIZE`).
@@ -73,15 +73,6 @@ impl Header {
 
 pub(super) fn bad(why: &str) -> ImageError {
     ImageError::Format(std::io::Error::other(format!("qcow2: {why}")))
-}
-
-/// Big-endian `u32` at `o` of `b` (zero where `b` is too short).
-fn be32_at(b: &[u8], o: usize) -> u32 {
-    let mut w = [0u8; 4];
-    if let Some(s) = b.get(o..o.saturating_add(4)) {
-        w.copy_from_slice(s);
-    }
-    u32::from_be_bytes(w)
 }
 
 /// Whether `offset` is a valid table offset for `bytes` of table (QEMU's

@@ -33,15 +33,6 @@ impl Src<'_> {
     }
 }
 
-/// Big-endian `u64` at `o` of `b` (zero where `b` is too short).
-pub(super) fn be64_at(b: &[u8], o: usize) -> u64 {
-    let mut w = [0u8; 8];
-    if let Some(s) = b.get(o..o.saturating_add(8)) {
-        w.copy_from_slice(s);
-    }
-    u64::from_be_bytes(w)
-}
-
 /// Refcount entry `i` of a refcount block held in `b` (qcow2 specification, "Refcount
 /// blocks": entries of `1 << order` bits; sub-byte entries fill each byte from its least
 /// significant bit, as QEMU reads them; wider entries are big-endian).
