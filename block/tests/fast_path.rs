@@ -197,8 +197,15 @@ struct Outcome {
 
 impl Rig {
     fn run(&mut self) -> Outcome {
+        let mem = self.h.mem.clone();
+        self.run_through(&mem)
+    }
+
+    /// [`Rig::run`] with the device reaching guest memory through `mem` (e.g. an IOMMU view of
+    /// it); the outcome is read from the memory itself.
+    fn run_through<M: vm_memory::GuestMemory>(&mut self, mem: &M) -> Outcome {
         self.worker
-            .process(&mut self.h.queue, &self.h.mem, &self.shared)
+            .process(&mut self.h.queue, mem, &self.shared)
             .unwrap();
         let mut memory = vec![0u8; MEM as usize];
         self.h.mem.read_slice(&mut memory, GuestAddress(0)).unwrap();
@@ -392,6 +399,17 @@ fn place_chains(h: &mut BlockHarness, chains: &[Chain]) {
     }
 }
 
+/// The two paths' outcomes are equal (`what` names the case).
+fn assert_same(fast: &Outcome, general: &Outcome, what: &str) {
+    assert_eq!(fast.used, general.used, "{what}");
+    assert_eq!(fast.metrics, general.metrics, "{what}");
+    assert!(
+        fast.memory == general.memory,
+        "guest memory differs: {what}"
+    );
+    assert!(fast.disk == general.disk, "image contents differ: {what}");
+}
+
 fn run_both(kind: Kind, limits: Limits, chains: &[Chain]) -> (Outcome, Outcome) {
     let mut fast = rig(kind, true, limits);
     let mut general = rig(kind, false, limits);
@@ -482,10 +500,7 @@ fn every_single_twist_agrees() {
         for l in limits {
             for batch in cases.chunks(8) {
                 let (fast, general) = run_both(kind, l, batch);
-                assert_eq!(fast.used, general.used, "{kind:?} {l:?} {batch:?}");
-                assert_eq!(fast.metrics, general.metrics, "{kind:?} {l:?} {batch:?}");
-                assert!(fast.memory == general.memory, "{kind:?} {l:?} {batch:?}");
-                assert!(fast.disk == general.disk, "{kind:?} {l:?} {batch:?}");
+                assert_same(&fast, &general, &format!("{kind:?} {l:?} {batch:?}"));
             }
         }
     }
@@ -673,24 +688,13 @@ fn behind_an_iommu_the_paths_agree() {
                 .unwrap();
         }
         let mem = IommuMemory::new(r.h.mem.clone(), iommu, true, ());
-        r.worker.process(&mut r.h.queue, &mem, &r.shared).unwrap();
-        let mut memory = vec![0u8; MEM as usize];
-        r.h.mem.read_slice(&mut memory, GuestAddress(0)).unwrap();
+        outcomes.push(r.run_through(&mem));
         // Only the split read goes through the image's vectored call on the fast path; on the
         // general path both reads do.
         assert_eq!(r.vectored.load(Ordering::Relaxed), if fast { 1 } else { 2 });
-        outcomes.push(Outcome {
-            used: r.h.used(),
-            memory,
-            disk: read_all(&mut **r.shared.disk.lock().unwrap()).unwrap(),
-            metrics: r.shared.metrics.snapshot(),
-        });
     }
     let (fast, general) = (&outcomes[0], &outcomes[1]);
-    assert_eq!(fast.used, general.used);
-    assert_eq!(fast.metrics, general.metrics);
-    assert!(fast.memory == general.memory, "guest memory differs");
-    assert!(fast.disk == general.disk, "image contents differ");
+    assert_same(fast, general, "behind an IOMMU");
     // What each chain got: slot 0 and 3 read 4 KiB, 1 and 2 were refused, 4 has no status,
     // 5 no header.
     assert_eq!(
