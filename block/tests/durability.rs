@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use vmkit_block::config::BlockConfig;
 use vmkit_block::defs::*;
-use vmkit_block::image::{self, DiskImage, Qcow2Image, RawImage};
+use vmkit_block::image::{self, DiskImage, ImageFormat, OpenOptions, Qcow2Image, RawImage};
 use vmkit_block::metrics::BlockMetrics;
 use vmkit_block::rate_limiter::RateLimiter;
 use vmkit_block::test_utils::{BlockHarness, TempImages};
@@ -29,6 +29,16 @@ fn device(disk: Box<dyn DiskImage>, engine: EngineKind) -> (BlockShared, QueueWo
     (shared, worker)
 }
 
+/// Options to open the test's image, raw or qcow2.
+fn opts(qcow2: bool, read_only: bool) -> OpenOptions {
+    let format = if qcow2 {
+        ImageFormat::Qcow2
+    } else {
+        ImageFormat::Raw
+    };
+    OpenOptions::new(format).read_only(read_only)
+}
+
 #[test]
 fn flushed_data_survives_reopen() {
     for qcow2 in [false, true] {
@@ -40,7 +50,8 @@ fn flushed_data_survives_reopen() {
             } else {
                 RawImage::create(&path, SIZE).unwrap();
             }
-            let (shared, mut worker) = device(image::open(&path, false).unwrap(), engine);
+            let (shared, mut worker) =
+                device(image::open(&path, &opts(qcow2, false)).unwrap(), engine);
             let mut h = BlockHarness::new(64);
             let data: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
             let w = h.add_request(VIRTIO_BLK_T_OUT, 40, &data, false);
@@ -51,7 +62,7 @@ fn flushed_data_survives_reopen() {
             drop(worker);
             drop(shared);
 
-            let mut img = image::open(&path, true).unwrap();
+            let mut img = image::open(&path, &opts(qcow2, true)).unwrap();
             let mut back = vec![0u8; 8192];
             img.read_at(&mut back, 40 * 512).unwrap();
             assert_eq!(back, data, "qcow2={qcow2} {engine:?}");
@@ -121,7 +132,7 @@ fn qcow2_consistent_after_crash_at_random_points() {
         std::mem::forget(img);
 
         qemu_check_consistent(&path);
-        let mut img = image::open(&path, true).unwrap();
+        let mut img = image::open(&path, &opts(true, true)).unwrap();
         let mut sector = [0u8; 512];
         for s in 0..sectors {
             img.read_at(&mut sector, s as u64 * 512).unwrap();

@@ -9,7 +9,9 @@ mod common;
 use std::path::Path;
 
 use common::{ok, p, run};
-use vmkit_block::image::{self, DiskImage, ImageFormat, Qcow2Image, RawImage};
+use vmkit_block::image::{
+    self, BackingPolicy, DiskImage, ImageError, ImageFormat, OpenOptions, Qcow2Image, RawImage,
+};
 use vmkit_block::test_utils::{TempImages, read_all};
 
 const SIZE: u64 = 4 << 20;
@@ -83,7 +85,7 @@ fn reads_qemu_created_qcow2_byte_identical() {
         "qemu-img",
         &["convert", "-f", "raw", "-O", "qcow2", p(&raw), p(&q)],
     );
-    let mut img = image::open(&q, true).unwrap();
+    let mut img = image::open(&q, &OpenOptions::new(ImageFormat::Qcow2).read_only(true)).unwrap();
     assert_eq!(img.format(), ImageFormat::Qcow2);
     assert_eq!(img.size(), SIZE);
     assert!(read_all(&mut *img).unwrap() == content);
@@ -106,7 +108,7 @@ fn reads_qemu_empty_and_zero_clusters() {
         &["-f", "qcow2", "-c", "write -P 0x5a 0 128k", p(&q)],
     );
     ok("qemu-io", &["-f", "qcow2", "-c", "write -z 64k 64k", p(&q)]);
-    let mut img = image::open(&q, true).unwrap();
+    let mut img = image::open(&q, &OpenOptions::new(ImageFormat::Qcow2).read_only(true)).unwrap();
     let all = read_all(&mut *img).unwrap();
     assert!(all[..65536].iter().all(|&b| b == 0x5a));
     assert!(all[65536..].iter().all(|&b| b == 0));
@@ -125,7 +127,7 @@ fn reads_compressed_clusters() {
     // The image really holds compressed clusters: it is much smaller than the data.
     let on_disk = std::fs::metadata(&q).unwrap().len();
     assert!(on_disk < SIZE / 2, "image not compressed: {on_disk} bytes");
-    let mut img = image::open(&q, true).unwrap();
+    let mut img = image::open(&q, &OpenOptions::new(ImageFormat::Qcow2).read_only(true)).unwrap();
     assert!(read_all(&mut *img).unwrap() == content);
 
     // Writing over compressed clusters (copy-on-write) keeps the image valid for QEMU.
@@ -161,14 +163,17 @@ fn reads_backing_chain() {
     expect[512 * 1024..612 * 1024].fill(0x11);
     expect[560 * 1024..568 * 1024].fill(0x22);
 
-    let mut img = image::open(&top, true).unwrap();
+    let mut img = image::open(&top, &OpenOptions::new(ImageFormat::Qcow2).read_only(true)).unwrap();
     assert!(read_all(&mut *img).unwrap() == expect);
 
     // Opened standalone (untrusted image: follow no names), only top's own data shows.
-    let mut alone = Qcow2Image::open_standalone(&top, true).unwrap();
-    let all = read_all(&mut alone).unwrap();
-    assert!(all[560 * 1024..568 * 1024].iter().all(|&b| b == 0x22));
-    assert!(all[..512 * 1024].iter().all(|&b| b == 0));
+    let strict = OpenOptions::new(ImageFormat::Qcow2)
+        .read_only(true)
+        .backing(BackingPolicy::Deny);
+    assert!(matches!(
+        Qcow2Image::open_with(&top, &strict),
+        Err(ImageError::BackingRefused { name }) if name == Path::new("mid.qcow2")
+    ));
 
     // vmkit writes into the overlay: QEMU agrees on the result and the base is untouched.
     let base_before = std::fs::read(&raw).unwrap();
@@ -312,11 +317,12 @@ fn writable_open_refuses_missing_refcount_blocks() {
     assert!(!run("qemu-img", &["check", p(&q)]).status.success());
     assert!(matches!(
         Qcow2Image::open(&q, false),
-        Err(image::ImageError::Format(_))
+        Err(ImageError::Inconsistent(_))
     ));
+    let unchecked = OpenOptions::new(ImageFormat::Qcow2).check_consistency(false);
     assert!(matches!(
-        Qcow2Image::open_standalone(&q, false),
-        Err(image::ImageError::Format(_))
+        Qcow2Image::open_with(&q, &unchecked),
+        Err(ImageError::UnsafeLayout { .. })
     ));
     let mut ro = Qcow2Image::open(&q, true).unwrap();
     let mut buf = [0u8; 512];

@@ -134,7 +134,7 @@ fn kvm_virtio_blk_qcow2_image_reads_back() {
     let path = dir.path().join("disk.qcow2");
     let p = path.to_str().unwrap();
     qemu_img(&["create", "-q", "-f", "qcow2", p, "1M"]);
-    let (code, stdout) = run(&[p]);
+    let (code, stdout) = run(&[p, "--format", "qcow2"]);
     assert_eq!(code, Some(0), "{stdout}");
     let head = format!(
         "vmm: disk {p}: qcow2, 1048576 bytes, read-write\n{}",
@@ -242,11 +242,26 @@ fn virtio_blk_usage_and_image_errors() {
     img[refblock..refblock + 2].copy_from_slice(&0u16.to_be_bytes());
     std::fs::write(&corrupt, &img).unwrap();
     let corrupt = corrupt.to_str().unwrap();
+    // A LUKS-encrypted image (made by qemu-img): refused, never read as plain data.
+    let encrypted = dir.path().join("luks.qcow2");
+    let secret = "--object=secret,id=s0,data=vmkit";
+    qemu_img(&[
+        "create",
+        "-q",
+        secret,
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0",
+        encrypted.to_str().unwrap(),
+        "1M",
+    ]);
+    let encrypted = encrypted.to_str().unwrap();
     for (args, code, message) in [
         (
             &["--bogus"][..],
             0x80,
-            "virtio_blk: unknown option --bogus\nusage: virtio_blk [IMAGE] [--read-only] [--io-uring]",
+            "virtio_blk: unknown option --bogus\nusage: virtio_blk [IMAGE] [--format raw|qcow2] [--read-only] [--io-uring]",
         ),
         (
             &["a.raw", "b.raw"],
@@ -259,9 +274,24 @@ fn virtio_blk_usage_and_image_errors() {
             "virtio_blk: image I/O failed: No such file or directory (os error 2)\n",
         ),
         (
-            &[corrupt],
+            &[corrupt, "--format=qcow2"],
             255,
             "virtio_blk: qcow2 metadata inconsistent: 1 corruptions, 0 check errors",
+        ),
+        (
+            &[encrypted, "--format", "qcow2"],
+            255,
+            "virtio_blk: qcow2 image is encrypted (crypt_method 2), which is not supported",
+        ),
+        (
+            &["a.raw", "--format", "vmdk"],
+            0x80,
+            "virtio_blk: unknown format vmdk (raw or qcow2)\nusage: virtio_blk",
+        ),
+        (
+            &["a.raw", "--format"],
+            0x80,
+            "virtio_blk: --format needs raw or qcow2\nusage: virtio_blk",
         ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_virtio_blk"))

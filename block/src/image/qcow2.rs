@@ -12,19 +12,21 @@ use imago::Mapping;
 use imago::file::File as ImagoFile;
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2;
+use imago::raw::Raw;
 use imago::storage::StorageCreateOptions;
-use imago::{
-    DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, FormatDriverBuilder,
-    PermissiveImplicitOpenGate,
-};
+use imago::{DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, FormatDriverBuilder};
 
+use super::chain;
+use super::options::{DirtyPolicy, OpenOptions};
 use super::qcow2_check::{self, CheckReport};
+use super::qcow2_guard::MetadataMap;
+use super::qcow2_header::read_open_header;
 use super::{DiskImage, ImageError, ImageFormat, check_range};
 
 /// Default qcow2 cluster size, as `qemu-img create` uses.
 pub const DEFAULT_CLUSTER_SIZE: usize = 64 * 1024;
 
-/// A qcow2 image, with its backing chain opened.
+/// A qcow2 image, with its backing chain opened as [`OpenOptions::backing`] allows.
 ///
 /// ```
 /// use vmkit_block::image::{DiskImage, Qcow2Image};
@@ -45,6 +47,8 @@ pub struct Qcow2Image {
     /// Our own handle on the image file, for data I/O on clusters the image already owns;
     /// `None` when the image keeps its data in an external data file.
     data: Option<std::fs::File>,
+    /// The metadata clusters every data write is held against (writable opens only).
+    guard: MetadataMap,
 }
 
 impl std::fmt::Debug for Qcow2Image {
@@ -56,11 +60,18 @@ impl std::fmt::Debug for Qcow2Image {
     }
 }
 
+fn imago_file(file: std::fs::File) -> Result<ImagoFile, ImageError> {
+    ImagoFile::try_from(file).map_err(ImageError::Io)
+}
+
 impl Qcow2Image {
     /// Create a qcow2 image of `size` bytes at `path` (overwriting any file there).
     ///
     /// `backing` names a backing file (and its format) that is written into the header; a
     /// relative name is relative to the new image's directory, as in `qemu-img create -b`.
+    ///
+    /// # Errors
+    /// [`ImageError::Io`] when the file cannot be created or written.
     pub fn create(
         path: &Path,
         size: u64,
@@ -87,25 +98,117 @@ impl Qcow2Image {
         builder.create().map_err(ImageError::Io)
     }
 
-    /// Open a qcow2 image and its backing chain (backing files are opened read-only).
+    /// Open the qcow2 image at `path` with the default [`OpenOptions`] (backing chain followed
+    /// under the image's directory, consistency check, dirty images refused), writable unless
+    /// `read_only`.
+    ///
+    /// # Errors
+    /// As [`Qcow2Image::open_with`].
     pub fn open(path: &Path, read_only: bool) -> Result<Self, ImageError> {
-        let qcow2 = Qcow2::<ImagoFile>::builder_path(path)
-            .write(!read_only)
-            .open(PermissiveImplicitOpenGate::default())
-            .map_err(ImageError::Format)?;
-        Self::wrap(qcow2, path, read_only)
+        Self::open_with(
+            path,
+            &OpenOptions::new(ImageFormat::Qcow2).read_only(read_only),
+        )
     }
 
-    fn wrap(qcow2: Qcow2<ImagoFile>, path: &Path, read_only: bool) -> Result<Self, ImageError> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(ImageError::Io)?;
-        if !read_only {
-            check_refcount_coverage(&file)?;
+    /// Open the qcow2 image at `path` as `opts` say (`opts.format` is not consulted: this
+    /// opens qcow2).
+    ///
+    /// # Errors
+    /// [`ImageError::Io`] when the file cannot be opened; otherwise as
+    /// [`Qcow2Image::open_file`].
+    pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Self, ImageError> {
+        Self::open_file(super::open_top(path, opts.read_only)?, opts)
+    }
+
+    /// Open the qcow2 image in `file` (opened by the caller, writable unless
+    /// `opts.read_only`) as `opts` say. Nothing is written to the file before every check
+    /// has passed.
+    ///
+    /// # Errors
+    /// [`ImageError::Format`] for a file that is not a qcow2 image imago opens;
+    /// [`ImageError::Encrypted`], [`ImageError::UnsupportedFeatures`],
+    /// [`ImageError::Dirty`] for images vmkit does not open; [`ImageError::Inconsistent`]
+    /// when the consistency check finds corruption; [`ImageError::UnsafeLayout`] for a
+    /// writable open of an image whose metadata lies outside the file or over the header;
+    /// the backing-chain errors of [`BackingPolicy`](super::BackingPolicy) and the data-file
+    /// errors of [`OpenOptions::data_file`].
+    pub fn open_file(file: std::fs::File, opts: &OpenOptions) -> Result<Self, ImageError> {
+        let read_only = opts.read_only;
+        let mut header = read_open_header(&file)?;
+        chain::admit_header(&header, true)?;
+        if header.incompatible & chain::INCOMPAT_DIRTY != 0 {
+            match opts.dirty {
+                DirtyPolicy::Repair if !read_only => {
+                    qcow2_check::repair(&file)?;
+                    header = read_open_header(&file)?;
+                }
+                _ => return Err(ImageError::Dirty),
+            }
         }
-        let data = (!qcow2.requires_external_data_file()).then_some(file);
+        let needs_data_file = header.incompatible & chain::INCOMPAT_DATA_FILE != 0;
+        let data_file = match (&opts.data_file, needs_data_file) {
+            (None, true) => {
+                return Err(ImageError::DataFileRefused {
+                    name: header.data_file.as_deref().map(chain::path_of),
+                });
+            }
+            (Some(_), false) => return Err(ImageError::DataFileUnexpected),
+            (Some(p), true) => Some(open_data_file(p, read_only)?),
+            (None, false) => None,
+        };
+        if opts.check_consistency && !read_only {
+            let report = qcow2_check::check_file(&file)?;
+            if !report.is_consistent() {
+                return Err(ImageError::Inconsistent(Box::new(report)));
+            }
+        }
+        let guard = if read_only {
+            MetadataMap::default()
+        } else {
+            MetadataMap::build(&file)?
+        };
+        let below = chain::layers_below(&file, &header, opts)?;
+        if !read_only && header.autoclear != 0 {
+            // imago clears the autoclear bits as it opens an image writable, before it has
+            // read the tables: open it read-only first, so a refusal leaves the file as it was.
+            let dup = file.try_clone().map_err(ImageError::Io)?;
+            let _validated = Qcow2::<ImagoFile>::builder(imago_file(dup)?)
+                .backing(None)
+                .data_file(None)
+                .write(false)
+                .open(DenyImplicitOpenGate::default())
+                .map_err(ImageError::Format)?;
+        }
+        // The layers, bottom first, each given the one below it: no name is opened by imago.
+        let mut lower: Option<FormatAccess<ImagoFile>> = None;
+        for layer in below.into_iter().rev() {
+            let f = imago_file(layer.file)?;
+            lower = Some(match layer.format {
+                ImageFormat::Raw => FormatAccess::new(
+                    Raw::builder(f)
+                        .write(false)
+                        .open(DenyImplicitOpenGate::default())
+                        .map_err(ImageError::Format)?,
+                ),
+                ImageFormat::Qcow2 => FormatAccess::new(
+                    Qcow2::<ImagoFile>::builder(f)
+                        .backing(lower.take())
+                        .data_file(None)
+                        .write(false)
+                        .open(DenyImplicitOpenGate::default())
+                        .map_err(ImageError::Format)?,
+                ),
+            });
+        }
+        let own = file.try_clone().map_err(ImageError::Io)?;
+        let qcow2 = Qcow2::<ImagoFile>::builder(imago_file(file)?)
+            .backing(lower)
+            .data_file(data_file.map(imago_file).transpose()?)
+            .write(!read_only)
+            .open(DenyImplicitOpenGate::default())
+            .map_err(ImageError::Format)?;
+        let data = (!qcow2.requires_external_data_file()).then_some(own);
         let access = FormatAccess::new(qcow2);
         let size = access.size();
         Ok(Self {
@@ -113,6 +216,7 @@ impl Qcow2Image {
             size,
             read_only,
             data,
+            guard,
         })
     }
 
@@ -135,82 +239,60 @@ impl Qcow2Image {
         }
     }
 
-    /// Open a qcow2 image without opening anything it names (backing file, external data
-    /// file): for images from untrusted sources, whose header could name any host file.
-    /// Unallocated clusters read as zeroes; an image needing an external data file fails.
-    pub fn open_standalone(path: &Path, read_only: bool) -> Result<Self, ImageError> {
-        use imago::Storage;
-        use imago::storage::StorageOpenOptions;
-        let file = ImagoFile::open(StorageOpenOptions::new().filename(path).write(!read_only))
-            .map_err(ImageError::Io)?;
-        let qcow2 = Qcow2::<ImagoFile>::builder(file)
-            .backing(None)
-            .write(!read_only)
-            .open(DenyImplicitOpenGate::default())
-            .map_err(ImageError::Format)?;
-        Self::wrap(qcow2, path, read_only)
-    }
-
     /// Check the image at `path` as `qemu-img check` does: [`qcow2_check::check`].
+    ///
+    /// # Errors
+    /// As [`qcow2_check::check`].
     pub fn check(path: &Path) -> Result<CheckReport, ImageError> {
         qcow2_check::check(path)
-    }
-
-    /// [`Qcow2Image::open`] after a consistency check ([`qcow2_check::check`]): an image with
-    /// corruptions (or refcounts that cannot be read) is refused with
-    /// [`ImageError::Inconsistent`], whether opened writable or not; leaks are allowed (they
-    /// only waste space).
-    ///
-    /// imago trusts the refcounts: where they call a referenced cluster free, a write can put
-    /// guest data over an L2 table or a refcount block. Use this (or
-    /// [`Qcow2Image::open_standalone_checked`]) for images from untrusted sources. The check
-    /// reads every L1 and L2 table and every refcount block (no guest data): a fraction of a
-    /// second for a fully allocated 1 GiB image (figures in the crate README).
-    ///
-    /// ```
-    /// use vmkit_block::image::{DiskImage, ImageError, Qcow2Image};
-    /// let dir = tempfile::tempdir().unwrap();
-    /// let path = dir.path().join("disk.qcow2");
-    /// Qcow2Image::create(&path, 1 << 20, None).unwrap();
-    /// let mut img = Qcow2Image::open_checked(&path, false).unwrap();
-    /// img.write_at(&[1u8; 512], 0).unwrap();
-    /// img.flush().unwrap();
-    /// drop(img);
-    /// // Zero the refcount table's first entry: the metadata now claims nothing is in use.
-    /// use std::os::unix::fs::FileExt;
-    /// let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
-    /// let mut rt = [0u8; 8];
-    /// f.read_exact_at(&mut rt, 48).unwrap();
-    /// f.write_all_at(&[0u8; 8], u64::from_be_bytes(rt)).unwrap();
-    /// assert!(matches!(
-    ///     Qcow2Image::open_checked(&path, false),
-    ///     Err(ImageError::Inconsistent(r)) if r.corruptions > 0
-    /// ));
-    /// ```
-    pub fn open_checked(path: &Path, read_only: bool) -> Result<Self, ImageError> {
-        Self::require_consistent(path)?;
-        Self::open(path, read_only)
-    }
-
-    /// [`Qcow2Image::open_standalone`] after the consistency check of
-    /// [`Qcow2Image::open_checked`]: for untrusted images, opening nothing the image names.
-    pub fn open_standalone_checked(path: &Path, read_only: bool) -> Result<Self, ImageError> {
-        Self::require_consistent(path)?;
-        Self::open_standalone(path, read_only)
-    }
-
-    fn require_consistent(path: &Path) -> Result<(), ImageError> {
-        let report = qcow2_check::check(path)?;
-        if report.is_consistent() {
-            Ok(())
-        } else {
-            Err(ImageError::Inconsistent(Box::new(report)))
-        }
     }
 
     fn check_writable(&self, offset: u64, len: u64) -> Result<(), ImageError> {
         super::check_writable(self.read_only, offset, len, self.size)
     }
+
+    /// imago's allocating write (`FormatAccess::writev`), with every host range held against
+    /// the metadata map before any byte of it is written.
+    fn allocating_write(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<(), ImageError> {
+        use imago::StorageExt;
+        let v: Vec<IoSlice<'_>> = bufs.iter().filter(|b| !b.is_empty()).copied().collect();
+        let mut bufv = IoVector::from(v);
+        let mut offset = offset;
+        while !bufv.is_empty() {
+            let mapping = self
+                .access
+                .prepare_data_mapping(offset, bufv.len(), true)
+                .map_err(ImageError::Io)?;
+            let (storage, host, len) = (mapping.storage(), mapping.offset(), mapping.length());
+            // Dropping an uncommitted mapping discards it: the refused write leaves no trace.
+            self.guard.check_write(host, len)?;
+            let (chunk, rest) = bufv.split_at(len);
+            bufv = rest;
+            offset += len;
+            storage.writev(chunk, host).map_err(ImageError::Io)?;
+            self.access
+                .commit_data_mapping(mapping)
+                .map_err(ImageError::Io)?;
+        }
+        Ok(())
+    }
+}
+
+/// Open the external data file the caller named, with the image's mode.
+fn open_data_file(path: &Path, read_only: bool) -> Result<std::fs::File, ImageError> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(ImageError::Io)?;
+    let t = f.metadata().map_err(ImageError::Io)?.file_type();
+    if !t.is_file() {
+        return Err(ImageError::NotRegularFile {
+            path: path.to_path_buf(),
+            kind: chain::kind_of(t),
+        });
+    }
+    Ok(f)
 }
 
 impl DiskImage for Qcow2Image {
@@ -266,12 +348,10 @@ impl DiskImage for Qcow2Image {
         // Overwriting data this image already owns (the common case once a guest has written
         // a cluster) goes straight to the file; anything else through imago's allocating write.
         if let Some((file, host)) = self.owned_stretch(offset, len) {
+            self.guard.check_write(host, len)?;
             return super::raw::write_vectored_at(file, bufs, host);
         }
-        let v: Vec<IoSlice<'_>> = bufs.iter().filter(|b| !b.is_empty()).copied().collect();
-        self.access
-            .writev(IoVector::from(v), offset)
-            .map_err(ImageError::Io)
+        self.allocating_write(bufs, offset)
     }
 
     fn flush(&mut self) -> Result<(), ImageError> {
@@ -298,60 +378,4 @@ impl DiskImage for Qcow2Image {
         }
         .map_err(ImageError::Io)
     }
-}
-
-/// Reject, before any write, a qcow2 file whose refcount table leaves part of the file without a
-/// refcount block.
-///
-/// A consistent image has a refcount block for every stretch of the file that holds clusters.
-/// When one is missing, imago 0.2.6 allocates it on the next cluster allocation — and allocating
-/// the cluster for it can need yet another missing block below it, recursively, once per
-/// missing block: on a crafted image deep enough to overflow the stack and abort the process
-/// (`Allocator::ensure_rb` → `allocate_clusters` → `ensure_rb`, found by the `qcow2_image` fuzz
-/// target). Read-only opens never allocate and skip this check.
-///
-/// Reads the header fields it needs (qcow2 specification: `cluster_bits` at byte 20,
-/// `refcount_table_offset` at 48, `refcount_table_clusters` at 56, version 3's
-/// `refcount_order` at 96) and the reftable entries that cover the file.
-fn check_refcount_coverage(file: &std::fs::File) -> Result<(), ImageError> {
-    use std::os::unix::fs::FileExt;
-    let bad = |why: &str| ImageError::Format(std::io::Error::other(why.to_string()));
-    let h = super::qcow2_header::HeaderFields::read(file)?;
-    let cluster_bits = h.cluster_bits();
-    let refcount_order = h.refcount_order();
-    if !(9..=21).contains(&cluster_bits) || refcount_order > 6 {
-        return Err(bad("qcow2: cluster_bits or refcount_order out of range"));
-    }
-    // Refcount entries per refblock: cluster_size * 8 / refcount_bits.
-    let rb_bits = cluster_bits + 3 - refcount_order;
-    let file_len = file.metadata().map_err(ImageError::Io)?.len();
-    if file_len == 0 {
-        return Ok(());
-    }
-    let last_cluster = (file_len - 1) >> cluster_bits;
-    let needed = (last_cluster >> rb_bits) + 1;
-    let rt_entries = h.refcount_table_clusters() << (cluster_bits - 3);
-    if needed > rt_entries {
-        return Err(bad("qcow2: refcount table too small for the file"));
-    }
-    let rt_offset = h.refcount_table_offset();
-    rt_offset
-        .checked_add(needed * 8)
-        .ok_or_else(|| bad("qcow2: refcount table offset overflows"))?;
-    // The entries, 64 KiB of them at a time.
-    let mut chunk = vec![0u8; 64 * 1024];
-    let mut done = 0u64;
-    while done < needed {
-        let n = (needed - done).min(chunk.len() as u64 / 8) as usize;
-        let buf = &mut chunk[..n * 8];
-        file.read_exact_at(buf, rt_offset + done * 8)
-            .map_err(ImageError::Io)?;
-        if buf.chunks_exact(8).any(|e| {
-            u64::from_be_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]) & !0x1ff == 0
-        }) {
-            return Err(bad("qcow2: part of the file has no refcount block"));
-        }
-        done += n as u64;
-    }
-    Ok(())
 }

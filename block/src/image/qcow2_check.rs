@@ -45,7 +45,10 @@
 
 mod layout;
 mod refs;
+mod repair;
 mod report;
+
+pub(crate) use repair::repair;
 
 pub use report::{CheckReport, Finding, MAX_FINDINGS, Referrer};
 
@@ -118,8 +121,16 @@ const QCOW_L2_BITMAP_ALL_ALLOC: u64 = 0xffff_ffff;
 /// ```
 pub fn check(path: &Path) -> Result<CheckReport, ImageError> {
     let file = std::fs::File::open(path).map_err(ImageError::Io)?;
+    check_file(&file)
+}
+
+/// [`check`] on an image file already open (read from only).
+///
+/// # Errors
+/// As [`check`].
+pub fn check_file(file: &std::fs::File) -> Result<CheckReport, ImageError> {
     let len = file.metadata().map_err(ImageError::Io)?.len();
-    Checker::run(&Src { file: &file, len })
+    Checker::run(&Src { file, len })
 }
 
 /// The walk over one image.
@@ -144,6 +155,14 @@ enum Kind {
 
 impl<'a> Checker<'a> {
     fn run(src: &'a Src<'a>) -> Result<CheckReport, ImageError> {
+        let mut c = Self::references_only(src)?;
+        let stored = c.compare()?;
+        c.copied(&stored)?;
+        Ok(c.out)
+    }
+
+    /// The references of every cluster, without comparing them to the stored refcounts.
+    fn references_only(src: &'a Src<'a>) -> Result<Self, ImageError> {
         let h = layout::header(src)?;
         let cs = h.cluster_size();
         let nb = src.len.div_ceil(cs);
@@ -167,9 +186,7 @@ impl<'a> Checker<'a> {
             buf: Vec::new(),
         };
         c.references()?;
-        let stored = c.compare()?;
-        c.copied(&stored)?;
-        Ok(c.out)
+        Ok(c)
     }
 
     /// Count one reference of `mult` tables to `size` bytes at `offset` (QEMU's

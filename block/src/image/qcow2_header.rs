@@ -150,6 +150,152 @@ impl HeaderFields {
     }
 }
 
+/// Header extension types (qcow2 specification, "Header extensions").
+const EXT_END: u32 = 0;
+/// Backing file format name.
+const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+/// External data file name.
+const EXT_DATA_FILE: u32 = 0x4441_5441;
+/// Longest backing file name QEMU accepts (`block/qcow2.c`: 1023 bytes).
+const MAX_BACKING_NAME: u64 = 1023;
+
+/// What opening a qcow2 image must know from its header before it opens anything: the names
+/// the header gives other files, and the features that decide whether it can be opened at
+/// all. Read from the first cluster, where the specification keeps all of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct OpenHeader {
+    /// `cluster_bits` (9..=21).
+    pub cluster_bits: u32,
+    /// `crypt_method` (0: none).
+    pub crypt_method: u32,
+    /// `incompatible_features`.
+    pub incompatible: u64,
+    /// `autoclear_features`.
+    pub autoclear: u64,
+    /// The backing file name (bytes `backing_file_offset..+backing_file_size`), if any.
+    pub backing_file: Option<Vec<u8>>,
+    /// The backing file format extension's string, if present.
+    pub backing_format: Option<Vec<u8>>,
+    /// The external data file name extension's string, if present.
+    pub data_file: Option<Vec<u8>>,
+}
+
+fn bad(why: &str) -> ImageError {
+    ImageError::Format(std::io::Error::other(format!("qcow2: {why}")))
+}
+
+/// Read the header of the qcow2 image in `file` ([`parse_open_header`] over its first
+/// cluster).
+pub(crate) fn read_open_header(file: &File) -> Result<OpenHeader, ImageError> {
+    let fixed = HeaderFields::read(file)?;
+    let bits = fixed.cluster_bits();
+    if !(9..=21).contains(&bits) {
+        return Err(bad("cluster_bits out of range"));
+    }
+    let len = file.metadata().map_err(ImageError::Io)?.len();
+    let n = (1u64 << bits).min(len) as usize;
+    let mut first = vec![0u8; n];
+    file.read_exact_at(&mut first, 0).map_err(ImageError::Io)?;
+    parse_open_header(&first)
+}
+
+/// Parse the header fields and extensions an open needs from `first`, the first cluster of
+/// the file (or all of a shorter file). Pure: every offset and length is checked against
+/// `first`, so no input can make it panic or read outside it.
+///
+/// Follows QEMU's `qcow2_do_open` / `qcow2_read_extensions`: extensions start after the
+/// header (byte 72 for version 2, `header_length` for version 3) and end at the backing file
+/// name (or the end of the cluster); each is a big-endian `type`, `length` and `length` bytes
+/// padded to 8; type 0 ends them. A backing name longer than 1023 bytes, or reaching past
+/// the first cluster, is refused as QEMU refuses it.
+pub(crate) fn parse_open_header(first: &[u8]) -> Result<OpenHeader, ImageError> {
+    let mut fixed = [0u8; FIXED_HEADER_BYTES];
+    let n = first.len().min(FIXED_HEADER_BYTES);
+    fixed[..n].copy_from_slice(&first[..n]);
+    let h = HeaderFields::new(fixed);
+    if h.magic() != super::QCOW2_MAGIC {
+        return Err(bad("no qcow2 magic"));
+    }
+    let version = h.version();
+    if version != 2 && version != 3 {
+        return Err(bad("unsupported version"));
+    }
+    let cluster_bits = h.cluster_bits();
+    if !(9..=21).contains(&cluster_bits) {
+        return Err(bad("cluster_bits out of range"));
+    }
+    let cs = 1u64 << cluster_bits;
+    let header_length = h.header_length();
+    if version == 3 && !(104..=cs).contains(&header_length) {
+        return Err(bad("header_length out of range"));
+    }
+    if (first.len() as u64) < header_length {
+        return Err(bad("file shorter than its header"));
+    }
+    let mut out = OpenHeader {
+        cluster_bits,
+        crypt_method: h.crypt_method(),
+        incompatible: h.incompatible_features(),
+        autoclear: h.autoclear_features(),
+        ..OpenHeader::default()
+    };
+    let name_offset = h.backing_file_offset();
+    let ext_end = if name_offset != 0 {
+        let name_len = u64::from(be32_at(&fixed, 16));
+        if name_offset > cs || name_len > MAX_BACKING_NAME.min(cs - name_offset) {
+            return Err(bad(
+                "backing file name too long or outside the first cluster",
+            ));
+        }
+        let name = first
+            .get(name_offset as usize..(name_offset + name_len) as usize)
+            .ok_or_else(|| bad("backing file name beyond the end of the file"))?;
+        if name.is_empty() || name.contains(&0) {
+            return Err(bad("empty backing file name, or one with a NUL byte"));
+        }
+        out.backing_file = Some(name.to_vec());
+        name_offset
+    } else {
+        cs
+    };
+    let mut at = header_length;
+    loop {
+        if at.saturating_add(8) > ext_end {
+            // QEMU requires the end marker; images without one stop at the name or cluster end.
+            break;
+        }
+        let kind = be32_at(first, at as usize);
+        let len = u64::from(be32_at(first, at as usize + 4));
+        at += 8;
+        if kind == EXT_END {
+            break;
+        }
+        let end = at + len;
+        if end > ext_end {
+            return Err(bad("header extension beyond its area"));
+        }
+        let data = first
+            .get(at as usize..end as usize)
+            .ok_or_else(|| bad("header extension beyond the end of the file"))?;
+        let slot = match kind {
+            EXT_BACKING_FORMAT => Some(&mut out.backing_format),
+            EXT_DATA_FILE => Some(&mut out.data_file),
+            _ => None,
+        };
+        if let Some(slot) = slot {
+            // A string, possibly NUL-padded.
+            let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
+            let s = data[..end].to_vec();
+            if slot.as_ref().is_some_and(|old| *old != s) {
+                return Err(bad("conflicting header extensions"));
+            }
+            *slot = Some(s);
+        }
+        at = end.next_multiple_of(8);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

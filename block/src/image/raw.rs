@@ -49,19 +49,38 @@ impl RawImage {
         })
     }
 
-    /// Open an existing raw image; its size is the file's length.
+    /// Open an existing raw image (a regular file or a block device); its size is the file's
+    /// length. A FIFO is refused without blocking.
+    ///
+    /// # Errors
+    /// As [`RawImage::from_file`], and [`ImageError::Io`] when the file cannot be opened.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, ImageError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(ImageError::Io)?;
-        Self::from_file(file, read_only)
+        Self::from_file(super::open_top(path, read_only)?, read_only)
     }
 
-    /// Wrap an already opened file.
+    /// Wrap an already opened file: a regular file or a block device, whose size is the disk's.
+    ///
+    /// # Errors
+    /// [`ImageError::NotRegularFile`] for anything else (a FIFO, a directory, a character
+    /// device); [`ImageError::Io`] when its size cannot be read.
     pub fn from_file(file: File, read_only: bool) -> Result<Self, ImageError> {
-        let size = file.metadata().map_err(ImageError::Io)?.len();
+        use std::io::Seek;
+        use std::os::unix::fs::FileTypeExt;
+        let meta = file.metadata().map_err(ImageError::Io)?;
+        let t = meta.file_type();
+        let size = if t.is_file() {
+            meta.len()
+        } else if t.is_block_device() {
+            // A block device's st_size is 0: its size is where its end is.
+            (&file)
+                .seek(std::io::SeekFrom::End(0))
+                .map_err(ImageError::Io)?
+        } else {
+            return Err(ImageError::NotRegularFile {
+                path: super::chain::fd_path(&file).unwrap_or_default(),
+                kind: super::chain::kind_of(t),
+            });
+        };
         Ok(Self {
             file,
             size,

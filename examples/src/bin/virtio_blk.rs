@@ -1,12 +1,15 @@
 //! `virtio_blk`: a guest driving a virtio block device over PCI.
 //!
 //! ```text
-//! virtio_blk [IMAGE] [--read-only] [--io-uring]
+//! virtio_blk [IMAGE] [--format raw|qcow2] [--read-only] [--io-uring]
 //! ```
 //!
-//! The VMM opens IMAGE (raw or qcow2, detected from its first bytes) with
-//! `vmkit_block::image::open_checked`, which refuses a qcow2 image whose metadata is corrupt
-//! (an image is untrusted input); without IMAGE it creates a 1 MiB raw image in a temporary
+//! The VMM opens IMAGE in the format `--format` states (default `raw`: an image's bytes never
+//! choose its format, or a guest could turn its raw disk into a qcow2 image naming a host
+//! file) with `vmkit_block::image::open` and its safe defaults: a qcow2 image's backing chain
+//! is followed only under the image's directory, with formats as its headers record them; an
+//! encrypted, dirty or corrupt image, or one needing an external data file, is refused (an
+//! image is untrusted input); without IMAGE it creates a 1 MiB raw image in a temporary
 //! directory and removes it afterwards. It serves the image through vmkit-block's `Block` device
 //! behind vmkit-virtio's `VirtioPciTransport`, on a PCI root bus behind ports 0xCF8/0xCFC of a
 //! VM with the split irqchip (in-kernel LAPIC). `--read-only` opens the image read-only and
@@ -44,7 +47,7 @@
 //! The VMM prints the guest's console output, the device's counters (JSON), the transport's
 //! and MSI-X counters and a table of exits.
 //!
-//! Run: `cargo run --release -p vmkit-examples --bin virtio_blk -- [IMAGE] [--read-only] [--io-uring]`
+//! Run: `cargo run --release -p vmkit-examples --bin virtio_blk -- [IMAGE] [--format raw|qcow2] [--read-only] [--io-uring]`
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,7 +55,7 @@ use std::process::ExitCode;
 use iced_x86::code_asm::*;
 use vmkit_block::config::offsets::CAPACITY;
 use vmkit_block::defs::*;
-use vmkit_block::image::{self, DiskImage, ImageFormat, RawImage};
+use vmkit_block::image::{self, DiskImage, ImageFormat, OpenOptions, RawImage};
 use vmkit_block::{Block, BlockConfig, EngineKind};
 use vmkit_examples::guest::{
     BUF, DATA, DEBUG_EXIT, GuestAsm, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
@@ -274,19 +277,35 @@ fn guest_program(msix_cap: u32) -> Result<Vec<u8>, IcedError> {
 /// What the command line asks for.
 struct Args {
     image: Option<PathBuf>,
+    format: ImageFormat,
     read_only: bool,
     io_uring: bool,
 }
 
-const USAGE: &str = "usage: virtio_blk [IMAGE] [--read-only] [--io-uring]";
+const USAGE: &str = "usage: virtio_blk [IMAGE] [--format raw|qcow2] [--read-only] [--io-uring]";
 
 fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut out = Args {
         image: None,
+        format: ImageFormat::Raw,
         read_only: false,
         io_uring: false,
     };
-    for arg in args {
+    let mut args = args;
+    while let Some(arg) = args.next() {
+        let format = match arg.as_str() {
+            "--format" => args.next(),
+            s => s.strip_prefix("--format=").map(str::to_string),
+        };
+        if arg == "--format" || arg.starts_with("--format=") {
+            out.format = match format.as_deref() {
+                Some("raw") => ImageFormat::Raw,
+                Some("qcow2") => ImageFormat::Qcow2,
+                Some(f) => return Err(format!("unknown format {f} (raw or qcow2)")),
+                None => return Err("--format needs raw or qcow2".into()),
+            };
+            continue;
+        }
         match arg.as_str() {
             "--read-only" => out.read_only = true,
             "--io-uring" => out.io_uring = true,
@@ -320,7 +339,8 @@ fn run(args: Args) -> Result<u32, Error> {
             (Some(dir), p, "(new, in a temporary directory)".into())
         }
     };
-    let disk = image::open_checked(&path, args.read_only)?;
+    let opts = OpenOptions::new(args.format).read_only(args.read_only);
+    let disk = image::open(&path, &opts)?;
     let (format, size, read_only) = (disk.format(), disk.size(), disk.read_only());
     let config = BlockConfig {
         read_only: args.read_only,

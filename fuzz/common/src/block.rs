@@ -14,7 +14,7 @@
 //!   live clusters; see `harmless_after_writes`). Read-after-write equality does not hold for corrupt images: with refcounts
 //!   claiming referenced clusters are free, a write may reuse a metadata cluster — the fuzzer
 //!   found such an image, kept as the `corrupt_refcounts` seed; the check reports it, and
-//!   `Qcow2Image::open_checked` refuses it.
+//!   a checked writable open (`Qcow2Image::open`) refuses it.
 //!
 //! Input of [`run_request`] (all little-endian):
 //! `flags: u8` (bit0 read-only, bit1 FLUSH, bit2 DISCARD, bit3 WRITE_ZEROES, bit4 io_uring),
@@ -30,7 +30,9 @@ use vm_memory::{Bytes, GuestAddress};
 const VRING_DESC_F_INDIRECT: u16 = 4;
 use vmkit_block::config::BlockConfig;
 use vmkit_block::image::qcow2_check::{self, MAX_FINDINGS};
-use vmkit_block::image::{DiskImage, Qcow2Image, RawImage};
+use vmkit_block::image::{
+    BackingPolicy, DiskImage, ImageFormat, OpenOptions, Qcow2Image, RawImage,
+};
 use vmkit_block::metrics::BlockMetrics;
 use vmkit_block::rate_limiter::RateLimiter;
 use vmkit_block::test_utils::{BUF_START, BlockHarness, TempImages};
@@ -280,7 +282,15 @@ pub fn run_qcow2(data: &[u8]) {
         assert!(r.corruptions >= corrupt as u64, "{r:?}");
     }
     let consistent = report.as_ref().is_ok_and(|r| r.is_consistent());
-    if let Ok(mut img) = Qcow2Image::open_standalone(&path, true) {
+    // The fuzzed file is opened as the image it claims to be, naming no other file: a
+    // backing name is refused, the consistency check is off (the write guard stands alone).
+    let opts = |read_only| {
+        OpenOptions::new(ImageFormat::Qcow2)
+            .read_only(read_only)
+            .backing(BackingPolicy::Deny)
+            .check_consistency(false)
+    };
+    if let Ok(mut img) = Qcow2Image::open_with(&path, &opts(true)) {
         let size = img.size();
         let mut buf = vec![0u8; 65536];
         for off in [0, size / 2, size.saturating_sub(65536)] {
@@ -288,7 +298,7 @@ pub fn run_qcow2(data: &[u8]) {
             let _ = img.read_at(&mut buf[..n], off);
         }
     }
-    if let Ok(mut img) = Qcow2Image::open_standalone(&path, false) {
+    if let Ok(mut img) = Qcow2Image::open_with(&path, &opts(false)) {
         let size = img.size();
         let mut wrote = false;
         if size >= 4096 {
