@@ -163,7 +163,8 @@ impl Qcow2Image {
                 return Err(ImageError::Inconsistent(Box::new(report)));
             }
         }
-        let guard = if read_only {
+        // With an external data file, data offsets are offsets in that file: no metadata there.
+        let guard = if read_only || needs_data_file {
             MetadataMap::default()
         } else {
             MetadataMap::build(&file)?
