@@ -257,10 +257,14 @@ fn run_request_once(data: &[u8], dir: &TempImages, name: &str, fast: bool) -> Op
     })
 }
 
-/// One fuzz iteration of qcow2 parsing.
+/// One fuzz iteration of qcow2 parsing (inputs starting with `CHAIN` are backing chains:
+/// [`crate::qcow2_chain`]).
 pub fn run_qcow2(data: &[u8]) {
     if data.len() > 4 << 20 {
         return;
+    }
+    if data.starts_with(crate::qcow2_chain::CHAIN_MAGIC) {
+        return crate::qcow2_chain::run(data);
     }
     let dir = images().lock().unwrap_or_else(|e| e.into_inner());
     let path = dir.path("fuzz.qcow2");
@@ -359,6 +363,14 @@ pub fn qcow2_seeds() -> Vec<(String, Vec<u8>)> {
 /// Cluster `n` of a seed (512-byte clusters).
 const fn c(n: u64) -> u64 {
     n * 512
+}
+
+/// The consistent single-layer image of the seeds (no snapshot, every refcount 1).
+pub(crate) fn qcow2_seed_layer() -> Vec<u8> {
+    let mut b = qcow2_seed(false);
+    // Cluster 4 (the L2 table) back to refcount 1 and COPIED set as for refcount 1.
+    b[c(2) as usize + 8..c(2) as usize + 10].copy_from_slice(&1u16.to_be_bytes());
+    b
 }
 
 fn qcow2_seed(snapshot: bool) -> Vec<u8> {
