@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use iced_x86::code_asm::*;
 use vmkit_block::image::{self, DiskImage, ImageFormat, OpenOptions, RawImage};
+use vmkit_block::metrics::BlockMetricsSnapshot;
 use vmkit_block::test_utils::TempImages;
 use vmkit_block::{Block, BlockConfig};
 use vmkit_devices::interrupt::NoInterrupt;
@@ -160,8 +161,9 @@ fn bring_up(a: &mut CodeAssembler) -> Result<(), IcedError> {
     Ok(())
 }
 
-/// Run `g` against virtio-blk on `disk` until it halts; returns its console output.
-fn run_on(g: &mut TinyGuest, disk: Box<dyn DiskImage>) -> String {
+/// Run `g` against virtio-blk on `disk` until it halts; returns its console output and the
+/// device's counters.
+fn run_on(g: &mut TinyGuest, disk: Box<dyn DiskImage>) -> (String, BlockMetricsSnapshot) {
     let block = Block::new(disk, BlockConfig::default()).unwrap();
     let io = Io {
         transport: RefCell::new(MmioTransport::new(
@@ -174,8 +176,10 @@ fn run_on(g: &mut TinyGuest, disk: Box<dyn DiskImage>) -> String {
     let mut stats = ExitStats::default();
     let out = run_until_exit(&mut g.vcpu, &io, &StopHandle::new(), &mut stats).unwrap();
     assert_eq!(out, RunOutcome::Exit(Exit::Hlt));
-    io.serial
-        .with_writer(|w| String::from_utf8_lossy(w).into_owned())
+    let console = io
+        .serial
+        .with_writer(|w| String::from_utf8_lossy(w).into_owned());
+    (console, io.transport.borrow().device().metrics())
 }
 
 /// Sum of a sector's 128 little-endian dwords, as the guests print it.
@@ -253,10 +257,8 @@ fn kvm_guest_written_qcow2_header_on_a_raw_disk_stays_guest_data() {
     let path = dir.path("guest.raw");
     RawImage::create(&path, 1 << 20).unwrap();
     let raw = OpenOptions::new(ImageFormat::Raw);
-    assert_eq!(
-        run_on(&mut writer, image::open(&path, &raw).unwrap()),
-        "out=00\n"
-    );
+    let (console, m) = run_on(&mut writer, image::open(&path, &raw).unwrap());
+    assert_eq!((console.as_str(), m.writes), ("out=00\n", 1));
     assert_eq!(image::probe_format(&path).unwrap(), ImageFormat::Qcow2);
 
     // Second boot on the same file: the guest reads sector 0 and prints its checksum.
@@ -279,7 +281,7 @@ fn kvm_guest_written_qcow2_header_on_a_raw_disk_stays_guest_data() {
         a.hlt()
     })
     .unwrap();
-    let console = run_on(&mut reader, image::open(&path, &raw).unwrap());
+    let (console, _) = run_on(&mut reader, image::open(&path, &raw).unwrap());
     assert_eq!(console, format!("sum={:08x} in=00\n", checksum(&header)));
     assert_ne!(checksum(&header), checksum(&[0x5e; 512]));
     assert_eq!(std::fs::read(&sentinel).unwrap(), vec![0x5e_u8; 1 << 20]);
@@ -341,18 +343,7 @@ fn kvm_blk_guest_writes_and_reads_back_a_sector() {
     let path = dir.path("kvm.raw");
     RawImage::create(&path, 1 << 20).unwrap();
     let disk = RawImage::open(&path, false).unwrap();
-    let block = Block::new(Box::new(disk), BlockConfig::default()).unwrap();
-    let io = Io {
-        transport: RefCell::new(MmioTransport::new(
-            block,
-            g.mem.clone(),
-            Arc::new(NoInterrupt),
-        )),
-        serial: Serial::new(Arc::new(NoInterrupt), Vec::new()),
-    };
-    let mut stats = ExitStats::default();
-    let out = run_until_exit(&mut g.vcpu, &io, &StopHandle::new(), &mut stats).unwrap();
-    assert_eq!(out, RunOutcome::Exit(Exit::Hlt));
+    let (console, m) = run_on(&mut g, Box::new(disk));
 
     // What the guest's fill loop wrote: dword k = 0x03020100 + k * 0x04040404 (wrapping).
     let sector: Vec<u8> = (0..128u32)
@@ -363,13 +354,8 @@ fn kvm_blk_guest_writes_and_reads_back_a_sector() {
         })
         .collect();
     let checksum = checksum(&sector);
-    let console = io
-        .serial
-        .with_writer(|w| String::from_utf8_lossy(w).into_owned());
     assert_eq!(console, format!("blk sum={checksum:08x} out=00 in=00\n"));
-    let m = io.transport.borrow().device().metrics();
     assert_eq!((m.writes, m.reads), (1, 1));
-    drop(io);
     let file = std::fs::read(&path).unwrap();
     assert_eq!(
         &file[SECTOR as usize * 512..SECTOR as usize * 512 + 512],
