@@ -51,6 +51,32 @@ impl HeaderFields {
         Ok(Self(b))
     }
 
+    /// Check what every reader needs before it trusts any other field, as QEMU's
+    /// `qcow2_do_open` does: the magic, version 2 or 3, `cluster_bits` 9..=21, a version 3
+    /// `header_length` of 104 up to a cluster, and a file of `file_len` bytes holding the
+    /// header. Returns `(cluster_bits, header_length)`.
+    pub(crate) fn validate_frame(&self, file_len: u64) -> Result<(u32, u64), ImageError> {
+        if self.magic() != super::QCOW2_MAGIC {
+            return Err(bad("no qcow2 magic"));
+        }
+        let version = self.version();
+        if version != 2 && version != 3 {
+            return Err(bad("unsupported version"));
+        }
+        let cluster_bits = self.cluster_bits();
+        if !(9..=21).contains(&cluster_bits) {
+            return Err(bad("cluster_bits out of range"));
+        }
+        let header_length = self.header_length();
+        if version == 3 && !(104..=1u64 << cluster_bits).contains(&header_length) {
+            return Err(bad("header_length out of range"));
+        }
+        if file_len < header_length {
+            return Err(bad("file shorter than its header"));
+        }
+        Ok((cluster_bits, header_length))
+    }
+
     fn be32(&self, o: usize) -> u32 {
         be32_at(&self.0, o)
     }
@@ -180,7 +206,7 @@ pub(crate) struct OpenHeader {
     pub data_file: Option<Vec<u8>>,
 }
 
-fn bad(why: &str) -> ImageError {
+pub(crate) fn bad(why: &str) -> ImageError {
     ImageError::Format(std::io::Error::other(format!("qcow2: {why}")))
 }
 
@@ -213,25 +239,8 @@ pub(crate) fn parse_open_header(first: &[u8]) -> Result<OpenHeader, ImageError> 
     let n = first.len().min(FIXED_HEADER_BYTES);
     fixed[..n].copy_from_slice(&first[..n]);
     let h = HeaderFields::new(fixed);
-    if h.magic() != super::QCOW2_MAGIC {
-        return Err(bad("no qcow2 magic"));
-    }
-    let version = h.version();
-    if version != 2 && version != 3 {
-        return Err(bad("unsupported version"));
-    }
-    let cluster_bits = h.cluster_bits();
-    if !(9..=21).contains(&cluster_bits) {
-        return Err(bad("cluster_bits out of range"));
-    }
+    let (cluster_bits, header_length) = h.validate_frame(first.len() as u64)?;
     let cs = 1u64 << cluster_bits;
-    let header_length = h.header_length();
-    if version == 3 && !(104..=cs).contains(&header_length) {
-        return Err(bad("header_length out of range"));
-    }
-    if (first.len() as u64) < header_length {
-        return Err(bad("file shorter than its header"));
-    }
     let mut out = OpenHeader {
         cluster_bits,
         crypt_method: h.crypt_method(),
@@ -362,5 +371,127 @@ mod tests {
             ),
             (0, 0, 4, 72, 0)
         );
+    }
+    /// A version 3 header (64 KiB clusters, header_length 104) with `ext` after it and
+    /// `name` as backing file at byte 512.
+    fn v3(ext: &[u8], name: &[u8]) -> Vec<u8> {
+        let mut b = vec![0u8; 4096];
+        b[0..4].copy_from_slice(b"QFI\xfb");
+        b[4..8].copy_from_slice(&3u32.to_be_bytes());
+        b[20..24].copy_from_slice(&16u32.to_be_bytes());
+        b[100..104].copy_from_slice(&104u32.to_be_bytes());
+        b[104..104 + ext.len()].copy_from_slice(ext);
+        if !name.is_empty() {
+            b[8..16].copy_from_slice(&512u64.to_be_bytes());
+            b[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+            b[512..512 + name.len()].copy_from_slice(name);
+        }
+        b
+    }
+
+    fn ext(kind: u32, data: &[u8]) -> Vec<u8> {
+        let mut e = kind.to_be_bytes().to_vec();
+        e.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        e.extend_from_slice(data);
+        e.resize(e.len().next_multiple_of(8), 0);
+        e
+    }
+
+    #[test]
+    fn open_header_names_what_the_header_names() {
+        let mut e = ext(EXT_BACKING_FORMAT, b"qcow2\0\0\0");
+        e.extend(ext(0x1234_5678, b"ignored"));
+        e.extend(ext(EXT_DATA_FILE, b"data.bin"));
+        e.extend([0u8; 8]);
+        let h = parse_open_header(&v3(&e, b"base.qcow2")).unwrap();
+        assert_eq!(h.backing_file.as_deref(), Some(&b"base.qcow2"[..]));
+        assert_eq!(h.backing_format.as_deref(), Some(&b"qcow2"[..]));
+        assert_eq!(h.data_file.as_deref(), Some(&b"data.bin"[..]));
+        assert_eq!(h.cluster_bits, 16);
+        // No backing name, no extensions.
+        let h = parse_open_header(&v3(&[0; 8], b"")).unwrap();
+        assert_eq!(
+            (h.backing_file, h.backing_format, h.data_file),
+            (None, None, None)
+        );
+    }
+
+    /// Each malformed header is refused with its own reason (and never panics).
+    #[test]
+    fn open_header_bad_input_table() {
+        let good = v3(&[0; 8], b"base");
+        let edit = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut b = good.clone();
+            f(&mut b);
+            b
+        };
+        let dup = {
+            let mut e = ext(EXT_BACKING_FORMAT, b"raw");
+            e.extend(ext(EXT_BACKING_FORMAT, b"qcow2"));
+            v3(&e, b"base")
+        };
+        let rows: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("no magic", edit(&|b| b[0] = b'X'), "no qcow2 magic"),
+            ("version 4", edit(&|b| b[7] = 4), "unsupported version"),
+            (
+                "cluster_bits 8",
+                edit(&|b| b[23] = 8),
+                "cluster_bits out of range",
+            ),
+            (
+                "cluster_bits 22",
+                edit(&|b| b[23] = 22),
+                "cluster_bits out of range",
+            ),
+            (
+                "header_length 100",
+                edit(&|b| b[103] = 100),
+                "header_length out of range",
+            ),
+            ("empty file", Vec::new(), "no qcow2 magic"),
+            (
+                "truncated in header_length",
+                good[..102].to_vec(),
+                "header_length out of range",
+            ),
+            (
+                "file shorter than its header",
+                edit(&|b| {
+                    b[103] = 200;
+                    b.truncate(150)
+                }),
+                "shorter than its header",
+            ),
+            (
+                "name of 1024 bytes",
+                edit(&|b| b[16..20].copy_from_slice(&1024u32.to_be_bytes())),
+                "too long",
+            ),
+            (
+                "name offset past the cluster",
+                edit(&|b| b[8..16].copy_from_slice(&(1u64 << 17).to_be_bytes())),
+                "too long",
+            ),
+            (
+                "name beyond a short file",
+                good[..514].to_vec(),
+                "beyond the end",
+            ),
+            ("name with NUL", edit(&|b| b[513] = 0), "NUL"),
+            (
+                "extension past the name",
+                edit(&|b| b[104..112].copy_from_slice(&[0, 0, 0, 1, 0, 0, 2, 0])),
+                "beyond its area",
+            ),
+            ("conflicting backing formats", dup, "conflicting"),
+        ];
+        for (what, bytes, why) in rows {
+            match parse_open_header(&bytes) {
+                Err(ImageError::Format(e)) => {
+                    assert!(e.to_string().contains(why), "{what}: {e}")
+                }
+                other => panic!("{what}: {other:?}"),
+            }
+        }
     }
 }

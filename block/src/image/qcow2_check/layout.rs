@@ -3,8 +3,8 @@
 //! would not open is refused here with [`ImageError::Format`].
 
 use super::refs::Src;
+use crate::image::ImageError;
 use crate::image::qcow2_header::{FIXED_HEADER_BYTES, HeaderFields, be32_at, be64_at};
-use crate::image::{ImageError, QCOW2_MAGIC};
 
 /// Largest L1 table QEMU accepts, in bytes (`QCOW_MAX_L1_SIZE`).
 pub(super) const QCOW_MAX_L1_SIZE: u64 = 32 << 20;
@@ -71,9 +71,7 @@ impl Header {
     }
 }
 
-pub(super) fn bad(why: &str) -> ImageError {
-    ImageError::Format(std::io::Error::other(format!("qcow2: {why}")))
-}
+pub(super) use crate::image::qcow2_header::bad;
 
 /// Whether `offset` is a valid table offset for `bytes` of table (QEMU's
 /// `validate_table_offset`: no overflow, cluster aligned).
@@ -89,30 +87,14 @@ pub(super) fn header(src: &Src<'_>) -> Result<Header, ImageError> {
     let mut bytes = [0u8; FIXED_HEADER_BYTES];
     src.read(&mut bytes, 0)?;
     let h = HeaderFields::new(bytes);
-    if h.magic() != QCOW2_MAGIC {
-        return Err(bad("no qcow2 magic"));
-    }
+    let (cluster_bits, header_length) = h.validate_frame(src.len)?;
     let version = h.version();
-    if version != 2 && version != 3 {
-        return Err(bad("unsupported version"));
-    }
-    let cluster_bits = h.cluster_bits();
-    if !(9..=21).contains(&cluster_bits) {
-        return Err(bad("cluster_bits out of range"));
-    }
     let cs = 1u64 << cluster_bits;
-    let (incompat, autoclear, refcount_order, header_length) = (
+    let (incompat, autoclear, refcount_order) = (
         h.incompatible_features(),
         h.autoclear_features(),
         h.refcount_order(),
-        h.header_length(),
     );
-    if version == 3 && (header_length < 104 || header_length > cs) {
-        return Err(bad("header_length out of range"));
-    }
-    if src.len < header_length {
-        return Err(bad("file shorter than its header"));
-    }
     if incompat & !KNOWN_INCOMPATIBLE != 0 {
         return Err(bad("unknown incompatible features"));
     }
