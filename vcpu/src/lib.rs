@@ -54,6 +54,8 @@
 
 pub mod control;
 pub mod cpuid;
+#[cfg(feature = "emulate")]
+pub mod emulate;
 mod error;
 pub mod events;
 pub mod exit;
