@@ -6,7 +6,10 @@
 //!   KVM implementation ([`KvmVm`], [`KvmVcpu`]);
 //! * a typed exit ([`VcpuExit`]: guest I/O as borrowed accesses, everything else as owned
 //!   [`Exit`] data) and per-kind [`ExitStats`];
-//! * plain-data CPU state for 64-bit long mode ([`LongModeState`]) that the backend applies;
+//! * plain-data entry states for every firmware-less boot protocol — real mode
+//!   ([`RealModeState`]), flat 32-bit protected mode for multiboot, PVH and Linux
+//!   ([`ProtectedModeState`]) and 64-bit long mode ([`LongModeState`]) — with the general
+//!   registers as vmkit data ([`GeneralRegisters`]);
 //! * a run loop ([`run_until_exit`]) that dispatches PIO/MMIO to an [`IoHandler`] (the VMM's
 //!   buses) and returns anything else to the caller, or stops when a [`StopHandle`] fires.
 //!
@@ -54,6 +57,7 @@
 
 pub mod control;
 pub mod cpuid;
+pub mod entry;
 mod error;
 pub mod events;
 pub mod exit;
@@ -68,6 +72,7 @@ pub mod test_utils;
 mod traits;
 pub mod vmcs;
 
+pub use entry::{GeneralRegisters, ProtectedModeState, RealModeState};
 pub use error::Error;
 pub use exit::{Exit, ExitKind, ExitStats, VcpuExit};
 pub use kvm::{KvmVcpu, KvmVm};
@@ -85,6 +90,8 @@ mod kvm_tests;
 mod kvm_tests_control;
 #[cfg(test)]
 mod kvm_tests_delivery;
+#[cfg(test)]
+mod kvm_tests_entry;
 #[cfg(test)]
 mod kvm_tests_vmcs;
 #[cfg(test)]

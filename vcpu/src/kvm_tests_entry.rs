@@ -1,0 +1,212 @@
+//! Tiny guests entering through each entry state and reporting their registers on port 0x80
+//! (names start with `kvm_`).
+
+use std::cell::RefCell;
+
+use iced_x86::code_asm::*;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::entry::{FLAT32_CS, FLAT32_DS, MULTIBOOT_BOOTLOADER_MAGIC};
+use crate::test_utils::TinyGuest;
+use crate::{
+    Exit, ExitStats, IoHandler, KvmVcpu, KvmVm, ProtectedModeState, RealModeState, RunOutcome,
+    StopHandle, VcpuRegisters, run_until_exit,
+};
+
+/// Records every 32-bit `out` to port 0x80.
+#[derive(Default)]
+struct Reports(RefCell<Vec<u32>>);
+
+impl IoHandler for Reports {
+    fn pio_read(&self, _: u16, data: &mut [u8]) {
+        data.fill(0xff)
+    }
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        if let (0x80, &[a, b, c, d]) = (port, data) {
+            self.0.borrow_mut().push(u32::from_le_bytes([a, b, c, d]));
+        }
+    }
+    fn mmio_read(&self, _: u64, data: &mut [u8]) {
+        data.fill(0xff)
+    }
+    fn mmio_write(&self, _: u64, _: &[u8]) {}
+}
+
+/// A VM with 4 MiB of RAM, `code` at `at`, and one vCPU.
+fn vm_with(code: &[u8], at: u64) -> (KvmVm, KvmVcpu, GuestMemoryMmap) {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+    mem.write_slice(code, GuestAddress(at)).unwrap();
+    let mut vm = KvmVm::new().unwrap();
+    vm.register_memory(&mem).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    (vm, vcpu, mem)
+}
+
+/// Run to `hlt`; the reported values.
+fn run_reports(vcpu: &mut KvmVcpu) -> Vec<u32> {
+    let io = Reports::default();
+    let out = run_until_exit(vcpu, &io, &StopHandle::new(), &mut ExitStats::default()).unwrap();
+    assert_eq!(out, RunOutcome::Exit(Exit::Hlt), "{:?}", io.0.borrow());
+    io.0.into_inner()
+}
+
+/// Guest code: report a 32-bit register or value through EAX (clobbers EAX).
+fn report(a: &mut CodeAssembler, r: AsmRegister32) -> Result<(), IcedError> {
+    if r != eax {
+        a.mov(eax, r)?;
+    }
+    a.out(0x80, eax)
+}
+
+/// Guest code: report segment selectors CS, DS, ES, SS, CR0, EFLAGS and ESP.
+fn report_machine_state(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    for seg in [cs, ds, es, ss] {
+        a.xor(eax, eax)?;
+        a.mov(ax, seg)?;
+        report(a, eax)?;
+    }
+    a.mov(eax, cr0)?;
+    report(a, eax)?;
+    a.pushfd()?;
+    a.pop(eax)?;
+    report(a, eax)?;
+    report(a, esp)
+}
+
+#[test]
+fn kvm_real_mode_entry() {
+    const CS: u16 = 0x1020;
+    const DATA: u16 = 0x1000;
+    let mut a = CodeAssembler::new(16).unwrap();
+    // The general registers given to the state, then the machine state.
+    for r in [ebx, ecx, edx, esi, edi, ebp] {
+        report(&mut a, r).unwrap();
+    }
+    // A data access through DS: base DATA·16.
+    a.mov(word_ptr(0x10), 0xbeefu32).unwrap();
+    a.xor(eax, eax).unwrap();
+    a.mov(ax, word_ptr(0x10)).unwrap();
+    report(&mut a, eax).unwrap();
+    report_machine_state(&mut a).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(0).unwrap();
+    let (_vm, mut vcpu, mem) = vm_with(&code, u64::from(CS) << 4);
+
+    let mut s = RealModeState::new(CS, 0, DATA, 0xfff0);
+    (s.regs.rbx, s.regs.rcx, s.regs.rdx) = (0x1111, 0x2222, 0x3333);
+    (s.regs.rsi, s.regs.rdi, s.regs.rbp) = (0x4444, 0x5555, 0x6666);
+    s.apply(&mut vcpu).unwrap();
+    let r = run_reports(&mut vcpu);
+    assert_eq!(r[..6], [0x1111, 0x2222, 0x3333, 0x4444, 0x5555, 0x6666]);
+    assert_eq!(r[6], 0xbeef);
+    assert_eq!(
+        mem.read_obj::<u16>(GuestAddress((u64::from(DATA) << 4) + 0x10))
+            .unwrap(),
+        0xbeef
+    );
+    // CS, DS, ES, SS; CR0 = ET (PE clear; bits 30:29 may read as KVM keeps them); FLAGS
+    // with IF and TF clear; SP (after pushfd/pop, unchanged).
+    assert_eq!(
+        r[7..11],
+        [
+            u32::from(CS),
+            u32::from(DATA),
+            u32::from(DATA),
+            u32::from(DATA)
+        ]
+    );
+    assert_eq!(r[11] & 0x8000_0011, 0x10, "cr0 {:#x}", r[11]);
+    assert_eq!(r[12] & (1 << 9 | 1 << 8 | 1 << 1), 0x2, "IF, TF clear");
+    assert_eq!(r[13] & 0xffff, 0xfff0);
+}
+
+#[test]
+fn kvm_multiboot_entry() {
+    const ENTRY: u32 = 0x10_0000;
+    const INFO: u32 = 0x9000;
+    let mut asm = CodeAssembler::new(32).unwrap();
+    let a = &mut asm;
+    // EAX first (the magic), then the others through EAX.
+    a.out(0x80, eax).unwrap();
+    for r in [ebx, ecx, edx, esi, edi, ebp] {
+        report(a, r).unwrap();
+    }
+    a.mov(esp, 0x8_0000u32).unwrap(); // multiboot leaves ESP undefined: set a stack
+    report_machine_state(a).unwrap();
+    a.mov(eax, cr4).unwrap();
+    report(a, eax).unwrap();
+    // A flat data access above 1 MiB.
+    a.mov(dword_ptr(0x20_0000), 0x1234_5678u32).unwrap();
+    a.mov(eax, dword_ptr(0x20_0000)).unwrap();
+    report(a, eax).unwrap();
+    a.hlt().unwrap();
+    let code = asm.assemble(u64::from(ENTRY)).unwrap();
+    let (_vm, mut vcpu, mem) = vm_with(&code, u64::from(ENTRY));
+    let s = ProtectedModeState::multiboot(ENTRY, INFO);
+    s.write_gdt(&mem).unwrap();
+    s.apply(&mut vcpu).unwrap();
+    let r = run_reports(&mut vcpu);
+    assert_eq!(r[0], MULTIBOOT_BOOTLOADER_MAGIC);
+    assert_eq!(r[1], INFO);
+    assert_eq!(r[2..7], [0; 5]); // every other register the state owns is zero
+    let sel = |s: u16| u32::from(s);
+    assert_eq!(
+        r[7..11],
+        [
+            sel(FLAT32_CS),
+            sel(FLAT32_DS),
+            sel(FLAT32_DS),
+            sel(FLAT32_DS)
+        ]
+    );
+    assert_eq!(r[11] & 0x8000_0011, 0x11, "cr0 {:#x}: PE, ET, no PG", r[11]);
+    assert_eq!(r[12] & (1 << 9 | 1 << 8 | 1 << 17), 0, "IF, TF, VM clear");
+    assert_eq!(r[13], 0x8_0000);
+    assert_eq!(r[14], 0, "cr4");
+    assert_eq!(r[15], 0x1234_5678);
+}
+
+#[test]
+fn kvm_pvh_entry() {
+    const ENTRY: u32 = 0x10_0000;
+    let mut a = CodeAssembler::new(32).unwrap();
+    report(&mut a, ebx).unwrap();
+    report(&mut a, esi).unwrap();
+    a.str(ax).unwrap(); // TR: the 32-bit TSS PVH asks for
+    a.movzx(eax, ax).unwrap();
+    report(&mut a, eax).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(u64::from(ENTRY)).unwrap();
+    let (_vm, mut vcpu, mem) = vm_with(&code, u64::from(ENTRY));
+    let s = ProtectedModeState::pvh(ENTRY, 0x6000);
+    s.write_gdt(&mem).unwrap();
+    s.apply(&mut vcpu).unwrap();
+    assert_eq!(
+        run_reports(&mut vcpu),
+        [0x6000, 0, u32::from(crate::entry::FLAT32_TR)]
+    );
+    // The register state read back through vmkit's type.
+    let regs = vcpu.general_registers().unwrap();
+    assert_eq!(regs.rbx, 0x6000);
+}
+
+#[test]
+fn kvm_long_mode_entry_sets_argument_registers() {
+    let mut g = TinyGuest::new(|a| {
+        for r in [rsi, rbx, r15] {
+            a.mov(rax, r)?;
+            a.out(0x80, eax)?;
+            a.shr(rax, 32)?;
+            a.out(0x80, eax)?;
+        }
+        a.hlt()
+    })
+    .unwrap();
+    // Linux 64-bit protocol: RSI = boot_params; any other register through `args`.
+    let mut s = crate::LongModeState::linux_64(g.state.cr3, g.state.rip, g.state.rsp, 0x7000);
+    s.args.rbx = 0x1_0000_0002;
+    s.args.r15 = 0xffff_0000_0000_0001;
+    s.args.rip = 0xdead; // ignored: the state's own RIP wins
+    s.apply(&mut g.vcpu).unwrap();
+    assert_eq!(run_reports(&mut g.vcpu), [0x7000, 0, 2, 1, 1, 0xffff_0000]);
+}
