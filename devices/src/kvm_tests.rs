@@ -5,11 +5,11 @@ use std::sync::{Arc, Mutex};
 use iced_x86::code_asm::*;
 use vm_memory::GuestMemoryMmap;
 use vmkit_vcpu::test_utils::{CODE_ADDR, DATA_ADDR, HarnessError, TinyGuest};
-use vmkit_vcpu::{Exit, ExitStats, KvmVcpu, KvmVm, RunOutcome, StopHandle};
+use vmkit_vcpu::{ExitStats, KvmVcpu, KvmVm, RunOutcome, StopHandle};
 
 use crate::debug_exit::DebugExit;
 use crate::ioapic::{IOAPIC_DEFAULT_BASE, IOAPIC_MMIO_SIZE, Ioapic};
-use crate::kvm_irq::{KvmIrqRouter, enable_split_irqchip};
+use crate::kvm_irq::{EoiTarget, KvmIrqRouter, enable_split_irqchip, run_split_irqchip};
 use crate::{BusDevice, IoBuses};
 
 /// Where the interrupt handler is loaded.
@@ -92,7 +92,28 @@ impl BusDevice for LevelDevice {
     }
 }
 
-/// A level-triggered IOAPIC pin with the split irqchip: the line is delivered once, not again
+/// The test's EOI target: forwards to the IOAPIC (as `Mutex<Ioapic>` does) and records, per
+/// EOI exit, (vector, line asserted, deliveries before, deliveries after).
+struct EoiRecorder {
+    device: Arc<LevelDevice>,
+    ioapic: Arc<Mutex<Ioapic>>,
+    eois: Mutex<Vec<(u8, bool, u64, u64)>>,
+}
+
+impl EoiTarget for EoiRecorder {
+    fn end_of_interrupt(&self, vector: u8) {
+        let mut eois = self.eois.lock().unwrap();
+        assert!(eois.len() < 20, "EOI exit storm: {eois:?}");
+        let asserted = self.device.log.lock().unwrap().asserted;
+        let mut io = self.ioapic.lock().unwrap();
+        let before = io.stats().delivered;
+        io.end_of_interrupt(vector);
+        eois.push((vector, asserted, before, io.stats().delivered));
+    }
+}
+
+/// A level-triggered IOAPIC pin with the split irqchip, run by the shared split-irqchip loop
+/// ([`run_split_irqchip`], EOIs forwarded to the IOAPIC): the line is delivered once, not again
 /// while the vector is in service (re-asserting changes nothing), redelivered after each EOI
 /// while still asserted, and not after the guest has acknowledged the device.
 ///
@@ -201,26 +222,16 @@ fn kvm_ioapic_level_interrupt() {
         .unwrap();
 
     let mut stats = ExitStats::default();
-    // Per EOI exit: (vector, line asserted, deliveries before, deliveries after).
-    let mut eois = Vec::new();
-    let status = loop {
-        assert!(
-            eois.len() < 20,
-            "EOI exit storm: {eois:?} {:?}",
-            device.log.lock().unwrap()
-        );
-        match vmkit_vcpu::run_until_exit(&mut vcpu, &buses, &stop, &mut stats).unwrap() {
-            RunOutcome::Stopped(s) => break s,
-            RunOutcome::Exit(Exit::IoapicEoi { vector }) => {
-                let asserted = device.log.lock().unwrap().asserted;
-                let mut io = ioapic.lock().unwrap();
-                let before = io.stats().delivered;
-                io.end_of_interrupt(vector);
-                eois.push((vector, asserted, before, io.stats().delivered));
-            }
-            RunOutcome::Exit(other) => panic!("unexpected exit {other:?}"),
-        }
+    let eoi = EoiRecorder {
+        device: device.clone(),
+        ioapic: ioapic.clone(),
+        eois: Mutex::default(),
     };
+    let status = match run_split_irqchip(&mut vcpu, &buses, &stop, &mut stats, &eoi).unwrap() {
+        RunOutcome::Stopped(s) => s,
+        RunOutcome::Exit(other) => panic!("unexpected exit {other:?}"),
+    };
+    let eois = eoi.eois.into_inner().unwrap();
     let log = device.log.lock().unwrap();
     let delivered = ioapic.lock().unwrap().stats().delivered;
     // Every delivery ran the guest handler, and every one was EOI'd.
