@@ -53,7 +53,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::interrupt::InterruptSource;
 use crate::ioapic::{IOAPIC_NUM_PINS, Ioapic};
-use crate::msi::{IrqfdControl, MsiMessage, MsiSink};
+use crate::msi::{IrqfdControl, MsiDelivery, MsiMessage, MsiSink};
 use crate::pci::Msix;
 
 /// The first GSI [`KvmIrqRouter::allocate_gsi`] hands out (after the IOAPIC pins).
@@ -170,18 +170,24 @@ impl KvmIrqRouter {
         Ok(())
     }
 
-    /// Deliver `msg` with `KVM_SIGNAL_MSI`.
-    pub fn signal_msi(&self, msg: MsiMessage) -> Result<(), KvmIrqError> {
+    /// Deliver `msg` with `KVM_SIGNAL_MSI` and report KVM's answer: a positive return is
+    /// [`MsiDelivery::Delivered`], 0 is [`MsiDelivery::Blocked`] (no APIC accepted it).
+    ///
+    /// # Errors
+    /// [`KvmIrqError::Kvm`] when the ioctl fails (e.g. no in-kernel LAPIC).
+    pub fn signal_msi(&self, msg: MsiMessage) -> Result<MsiDelivery, KvmIrqError> {
         let m = kvm_msi {
             address_lo: msg.address as u32,
             address_hi: (msg.address >> 32) as u32,
             data: msg.data,
             ..Default::default()
         };
-        self.vm
-            .signal_msi(m)
-            .map(|_| ())
-            .map_err(kvm("KVM_SIGNAL_MSI"))
+        let accepted = self.vm.signal_msi(m).map_err(kvm("KVM_SIGNAL_MSI"))?;
+        Ok(if accepted > 0 {
+            MsiDelivery::Delivered
+        } else {
+            MsiDelivery::Blocked
+        })
     }
 
     fn commit(&self, routes: &BTreeMap<u32, kvm_irq_routing_entry>) -> io::Result<()> {
@@ -194,6 +200,10 @@ impl KvmIrqRouter {
 
 impl MsiSink for KvmIrqRouter {
     fn send(&self, msg: MsiMessage) -> io::Result<()> {
+        self.deliver(msg).map(|_| ())
+    }
+
+    fn deliver(&self, msg: MsiMessage) -> io::Result<MsiDelivery> {
         self.signal_msi(msg).map_err(io::Error::other)
     }
 

@@ -615,3 +615,48 @@ fn kvm_msix_masked_irqfd_write_is_held_pending() {
     assert!(!msix.pending(0));
     assert_eq!(root.stats(), crate::pci::PciStats::default());
 }
+
+/// `KVM_SIGNAL_MSI` says whether a local APIC took the message, and the IOAPIC counts what the
+/// guest blocked apart from what it delivered. A vCPU's APIC is software-disabled after reset
+/// (SVR bit 8 clear, SDM vol. 3A §11.4.7.1), so a fixed interrupt to it is not accepted
+/// (§11.4.7.2): KVM answers 0. With SVR enabled (set through KVM_SET_LAPIC, no guest code
+/// needed) the same message is delivered.
+#[test]
+fn kvm_signal_msi_reports_blocked_delivery() {
+    use crate::ioapic::redir;
+    use crate::msi::{MsiDelivery, MsiMessage};
+    use vmkit_vcpu::VcpuExtendedState;
+    const PIN: u8 = 2;
+    const VECTOR: u32 = 0x33;
+    let g = IrqGuest::new(|a| a.hlt(), |a| a.iretq(), VECTOR as u8).unwrap();
+    let IrqGuest { vm, mut vcpu, _mem } = g;
+    let router = KvmIrqRouter::new(&vm).unwrap();
+    let msg = MsiMessage {
+        address: LAPIC_BASE,
+        data: VECTOR,
+    };
+    assert_eq!(router.signal_msi(msg).unwrap(), MsiDelivery::Blocked);
+
+    let mut ioapic = Ioapic::new(router.clone());
+    ioapic.write_register(0x10 + 2 * PIN, VECTOR); // edge, fixed, unmasked, APIC 0
+    ioapic.set_irq(PIN, true);
+    let s = ioapic.stats();
+    assert_eq!((s.delivered, s.undelivered, s.delivery_errors), (0, 1, 0));
+    // A level pin whose message was blocked keeps remote IRR clear: no EOI will come.
+    ioapic.write_register(0x10 + 2 * (PIN + 1), 0x8000 | VECTOR);
+    ioapic.set_irq(PIN + 1, true);
+    assert_eq!(ioapic.entry(PIN + 1).unwrap() & redir::REMOTE_IRR, 0);
+    assert_eq!(ioapic.stats().undelivered, 2);
+
+    // Software-enable the APIC: SVR (offset 0xf0) = 0x1ff.
+    let mut lapic = vcpu.lapic().unwrap();
+    for (i, b) in 0x1ffu32.to_le_bytes().iter().enumerate() {
+        lapic.regs[LAPIC_SVR as usize + i] = *b as _;
+    }
+    vcpu.set_lapic(&lapic).unwrap();
+    assert_eq!(router.signal_msi(msg).unwrap(), MsiDelivery::Delivered);
+    ioapic.set_irq(PIN, false);
+    ioapic.set_irq(PIN, true);
+    let s = ioapic.stats();
+    assert_eq!((s.delivered, s.undelivered, s.delivery_errors), (1, 2, 0));
+}
