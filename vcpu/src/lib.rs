@@ -23,8 +23,9 @@
 //!   the IDT-gate checks (limit, type, DPL ≥ CPL, present) VM entry makes for injected software
 //!   events ([`vmcs::delivery`]);
 //! * [`cpuid`]: CPUID templates (`host`, `minimal`, JSON) normalized per vCPU;
-//! * [`control`]: pause/resume/kick from other threads, per-vCPU CPU-time caps, and
-//!   [`control::run_controlled`];
+//! * [`handle`]: one [`VcpuHandle`] per vCPU to kick, pause/resume and read registers from
+//!   other threads, under any run loop;
+//! * [`control`]: per-vCPU CPU-time caps, interrupt windows and [`control::run_controlled`];
 //! * [`snapshot`]: versioned vCPU state save/restore.
 //!
 //! The library holds no policy: which ports exist, what to print and when to stop are decided by
@@ -61,6 +62,7 @@ pub mod entry;
 mod error;
 pub mod events;
 pub mod exit;
+pub mod handle;
 pub mod kvm;
 pub mod kvm_ext;
 pub mod kvm_map;
@@ -75,6 +77,7 @@ pub mod vmcs;
 pub use entry::{GeneralRegisters, ProtectedModeState, RealModeState};
 pub use error::Error;
 pub use exit::{Exit, ExitKind, ExitStats, VcpuExit};
+pub use handle::VcpuHandle;
 pub use kvm::{KvmVcpu, KvmVm};
 pub use run_loop::{IoHandler, RunOutcome, StopHandle, dispatch_io, run_until_exit};
 pub use state::{LongModeState, Segment};
