@@ -97,8 +97,20 @@ impl KvmVm {
             .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))
     }
 
-    /// Create vCPU `id` and give it KVM's supported CPUID.
+    /// Create vCPU `id` and give it KVM's supported CPUID as it stands (no per-vCPU
+    /// normalization, KVM's default of 32 machine-check banks). For a chosen CPUID template and
+    /// QEMU's machine-check setup use [`create_vcpu_with`](Self::create_vcpu_with).
+    ///
+    /// # Errors
+    /// KVM_CREATE_VCPU or KVM_SET_CPUID2 fail.
     pub fn create_vcpu(&self, id: u64) -> Result<KvmVcpu, Error> {
+        let vcpu = self.create_vcpu_bare(id)?;
+        vcpu.set_cpuid(&self.supported_cpuid()?)?;
+        Ok(vcpu)
+    }
+
+    /// KVM_CREATE_VCPU and the vCPU's handle gate; no CPUID set.
+    pub(crate) fn create_vcpu_bare(&self, id: u64) -> Result<KvmVcpu, Error> {
         let mut fd = self
             .fd
             .create_vcpu(id)
@@ -116,7 +128,6 @@ impl KvmVm {
             id,
             gate: Arc::new(Gate::new(immediate_exit, Some(dup))),
         };
-        vcpu.set_cpuid(&self.supported_cpuid()?)?;
         Ok(vcpu)
     }
 }

@@ -23,6 +23,8 @@
 //!   the IDT-gate checks (limit, type, DPL ≥ CPL, present) VM entry makes for injected software
 //!   events ([`vmcs::delivery`]);
 //! * [`cpuid`]: CPUID templates (`host`, `minimal`, JSON) normalized per vCPU;
+//! * [`vcpu_config`]: vCPU creation with a chosen CPUID template and machine-check banks
+//!   ([`KvmVm::create_vcpu_with`], QEMU's 10 banks by default);
 //! * [`handle`]: one [`VcpuHandle`] per vCPU to kick, pause/resume and read registers from
 //!   other threads, under any run loop;
 //! * [`control`]: per-vCPU CPU-time caps, interrupt windows and [`control::run_controlled`];
@@ -72,6 +74,7 @@ pub mod state;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 mod traits;
+pub mod vcpu_config;
 pub mod vmcs;
 
 pub use entry::{GeneralRegisters, ProtectedModeState, RealModeState};
@@ -85,6 +88,7 @@ pub use traits::{
     VcpuEvents, VcpuExtendedState, VcpuGuestState, VcpuInterruptWindow, VcpuMsrs, VcpuRegisters,
     VcpuRun, VcpuSpecialRegisters,
 };
+pub use vcpu_config::VcpuConfig;
 pub use vmcs::Vmcs;
 
 #[cfg(test)]
