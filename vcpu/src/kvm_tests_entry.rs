@@ -13,17 +13,19 @@ use crate::{
     StopHandle, VcpuConfig, VcpuRegisters, run_until_exit,
 };
 
-/// Records every 32-bit `out` to port 0x80.
+/// Records every 32-bit `out` to port 0x80 (and bytes written to port 0xe9 in `.1`).
 #[derive(Default)]
-struct Reports(RefCell<Vec<u32>>);
+struct Reports(RefCell<Vec<u32>>, RefCell<Vec<u8>>);
 
 impl IoHandler for Reports {
     fn pio_read(&self, _: u16, data: &mut [u8]) {
         data.fill(0xff)
     }
     fn pio_write(&self, port: u16, data: &[u8]) {
-        if let (0x80, &[a, b, c, d]) = (port, data) {
-            self.0.borrow_mut().push(u32::from_le_bytes([a, b, c, d]));
+        match (port, data) {
+            (0x80, &[a, b, c, d]) => self.0.borrow_mut().push(u32::from_le_bytes([a, b, c, d])),
+            (0xe9, &[c]) => self.1.borrow_mut().push(c),
+            _ => {}
         }
     }
     fn mmio_read(&self, _: u64, data: &mut [u8]) {
@@ -56,10 +58,15 @@ fn vm_with_config(
 
 /// Run to `hlt`; the reported values.
 fn run_reports(vcpu: &mut KvmVcpu) -> Vec<u32> {
+    run_reports_and_chars(vcpu).0
+}
+
+/// Run to `hlt`; the values reported on port 0x80 and the bytes written to port 0xe9.
+fn run_reports_and_chars(vcpu: &mut KvmVcpu) -> (Vec<u32>, Vec<u8>) {
     let io = Reports::default();
     let out = run_until_exit(vcpu, &io, &StopHandle::new(), &mut ExitStats::default()).unwrap();
     assert_eq!(out, RunOutcome::Exit(Exit::Hlt), "{:?}", io.0.borrow());
-    io.0.into_inner()
+    (io.0.into_inner(), io.1.into_inner())
 }
 
 /// Guest code: report a 32-bit register or value through EAX (clobbers EAX).
@@ -287,4 +294,97 @@ fn kvm_vcpu_with_cpuid_template_and_mce_banks() {
         vm.create_vcpu_with(1, &too_many),
         Err(crate::Error::MceBanks { banks: 255, .. })
     ));
+}
+
+/// A multiboot kernel (an ELF32 image built here) booted by vmkit-memory's loader and entered
+/// through `ProtectedModeState::multiboot`: it checks the magic, prints its command line on
+/// port 0xe9 and reports each memory-map entry (base, length, type) and mem_lower/mem_upper
+/// from the information structure EBX points at.
+#[test]
+fn kvm_multiboot_kernel_reads_its_command_line_and_memory_map() {
+    use vmkit_memory::GuestLayout;
+    use vmkit_memory::boot::multiboot::{MULTIBOOT_MEMORY_INFO, MultibootInfo, load_multiboot};
+    use vmkit_memory::boot::test_images::{Elf32Segment, elf32_image, multiboot_header};
+    const LOAD: u32 = 0x10_0000;
+    const CMDLINE: &str = "console=ttyS0 root=/dev/vda";
+    let header = multiboot_header(MULTIBOOT_MEMORY_INFO);
+    let entry = LOAD + header.len() as u32;
+    let mut a = CodeAssembler::new(32).unwrap();
+    let (mut chars, mut done, mut mmap, mut fin) = (
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+    );
+    a.out(0x80, eax).unwrap(); // the magic
+    a.mov(esi, dword_ptr(ebx + 16)).unwrap(); // cmdline
+    a.mov(ecx, 256u32).unwrap(); // bounded
+    a.set_label(&mut chars).unwrap();
+    a.mov(al, byte_ptr(esi)).unwrap();
+    a.test(al, al).unwrap();
+    a.jz(done).unwrap();
+    a.out(0xe9, al).unwrap();
+    a.inc(esi).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(chars).unwrap();
+    a.set_label(&mut done).unwrap();
+    a.mov(esi, dword_ptr(ebx + 48)).unwrap(); // mmap_addr
+    a.mov(edi, esi).unwrap();
+    a.add(edi, dword_ptr(ebx + 44)).unwrap(); // + mmap_length
+    a.set_label(&mut mmap).unwrap();
+    a.cmp(esi, edi).unwrap();
+    a.jae(fin).unwrap();
+    for off in [4, 12, 20] {
+        a.mov(eax, dword_ptr(esi + off)).unwrap(); // base (low), length (low), type
+        a.out(0x80, eax).unwrap();
+    }
+    a.mov(eax, dword_ptr(esi)).unwrap(); // size, not counting itself
+    a.lea(esi, dword_ptr(esi + eax + 4)).unwrap();
+    a.jmp(mmap).unwrap();
+    a.set_label(&mut fin).unwrap();
+    a.mov(eax, dword_ptr(ebx + 4)).unwrap(); // mem_lower
+    a.out(0x80, eax).unwrap();
+    a.mov(eax, dword_ptr(ebx + 8)).unwrap(); // mem_upper
+    a.out(0x80, eax).unwrap();
+    a.hlt().unwrap();
+    let mut text = header.clone();
+    text.extend(a.assemble(u64::from(entry)).unwrap());
+    let image = elf32_image(
+        entry,
+        &[Elf32Segment {
+            paddr: LOAD,
+            data: &text,
+            mem_size: 0x1000,
+        }],
+    );
+
+    let layout = GuestLayout::builder().ram_size(8 << 20).build().unwrap();
+    let mem = layout.create_memory().unwrap();
+    let e820 = layout.e820();
+    let info = MultibootInfo {
+        cmdline: CMDLINE,
+        memory_map: &e820,
+        boot_loader_name: Some("vmkit"),
+        info_addr: 0x9000,
+    };
+    let kernel = load_multiboot(&mem, &image, &info).unwrap();
+    let mut vm = KvmVm::new().unwrap();
+    vm.register_memory(&mem).unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let s = ProtectedModeState::multiboot(kernel.entry, kernel.info_addr);
+    s.write_gdt(&mem).unwrap();
+    s.apply(&mut vcpu).unwrap();
+    let (r, chars) = run_reports_and_chars(&mut vcpu);
+    assert_eq!(r[0], MULTIBOOT_BOOTLOADER_MAGIC);
+    assert_eq!(String::from_utf8(chars).unwrap(), CMDLINE);
+    let map: Vec<[u32; 3]> = r[1..r.len() - 2]
+        .chunks(3)
+        .map(|c| [c[0], c[1], c[2]])
+        .collect();
+    let want: Vec<[u32; 3]> = e820
+        .iter()
+        .map(|e| [e.addr as u32, e.size as u32, e.kind as u32])
+        .collect();
+    assert_eq!(map, want);
+    assert_eq!(r[r.len() - 2..], [640, (8 << 10) - 1024]);
 }
