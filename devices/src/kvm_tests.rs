@@ -660,3 +660,83 @@ fn kvm_signal_msi_reports_blocked_delivery() {
     let s = ioapic.stats();
     assert_eq!((s.delivered, s.undelivered, s.delivery_errors), (1, 2, 0));
 }
+
+/// A guest reads fw_cfg through the real port protocol: the signature, then the CPU count
+/// (16-bit selector write to 0x510, byte reads from 0x511), reported on port 0x84.
+#[test]
+fn kvm_guest_reads_fw_cfg() {
+    use crate::fw_cfg::{FW_CFG_NB_CPUS, FW_CFG_PORT_COUNT, FW_CFG_PORT_SEL, FwCfg, FwCfgConfig};
+    fn read_item(a: &mut CodeAssembler, key: u16, n: u32) -> Result<(), IcedError> {
+        a.mov(dx, FW_CFG_PORT_SEL as u32)?;
+        a.mov(ax, key as u32)?;
+        a.out(dx, ax)?;
+        a.inc(dx)?;
+        a.xor(ebx, ebx)?;
+        for i in 0..n {
+            a.in_(al, dx)?;
+            a.movzx(eax, al)?;
+            a.shl(eax, 8 * i)?;
+            a.or(ebx, eax)?;
+        }
+        a.mov(eax, ebx)?;
+        a.out(0x84, eax)
+    }
+    let g = IrqGuest::new(
+        |a| {
+            read_item(a, 0, 4)?;
+            read_item(a, FW_CFG_NB_CPUS, 2)?;
+            a.out(0xf4, al)
+        },
+        |a| a.iretq(),
+        0x30,
+    )
+    .unwrap();
+    let IrqGuest {
+        vm: _vm,
+        mut vcpu,
+        _mem,
+    } = g;
+    let fw = Arc::new(Mutex::new(FwCfg::new(&FwCfgConfig {
+        nb_cpus: 3,
+        max_cpus: 3,
+        ..Default::default()
+    })));
+    #[derive(Default)]
+    struct Log(Mutex<Vec<u32>>);
+    impl BusDevice for Log {
+        fn read(&self, _: u64, data: &mut [u8]) {
+            data.fill(0)
+        }
+        fn write(&self, _: u64, data: &[u8]) {
+            if let &[a, b, c, d] = data {
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push(u32::from_le_bytes([a, b, c, d]));
+            }
+        }
+    }
+    let log = Arc::new(Log::default());
+    let stop = StopHandle::new();
+    let buses = IoBuses::default();
+    buses
+        .pio
+        .insert(
+            FW_CFG_PORT_SEL as u64,
+            FW_CFG_PORT_COUNT,
+            "fw_cfg",
+            fw.clone(),
+        )
+        .unwrap();
+    buses.pio.insert(0x84, 4, "log", log.clone()).unwrap();
+    buses
+        .pio
+        .insert(0xf4, 4, "exit", Arc::new(DebugExit::new(stop.clone())))
+        .unwrap();
+    let mut stats = ExitStats::default();
+    let out = vmkit_vcpu::run_until_exit(&mut vcpu, &buses, &stop, &mut stats).unwrap();
+    assert!(matches!(out, RunOutcome::Stopped(_)), "{out:?}");
+    assert_eq!(*log.0.lock().unwrap(), [u32::from_le_bytes(*b"QEMU"), 3]);
+    let s = fw.lock().unwrap().stats();
+    assert_eq!((s.selects, s.data_reads, s.bad_accesses), (2, 6, 0));
+}

@@ -14,6 +14,8 @@
 //! * [`pci`] — the [`pci::PciFunction`] trait, type-0 config space, MSI-X, and the root bus
 //!   (0xCF8/0xCFC and ECAM) that maps BARs on the buses.
 //! * [`serial`] — a 16550 UART (vm-superio) writing to any `io::Write`.
+//! * [`fw_cfg`] — QEMU's fw_cfg interface (ports 0x510/0x511: signature, file directory, RAM
+//!   size, CPU counts, command line; DMA refused).
 //! * [`debug_exit`] — a port through which the guest ends the VM with a status code.
 //!
 //! ```
@@ -44,6 +46,7 @@
 
 pub mod bus;
 pub mod debug_exit;
+pub mod fw_cfg;
 pub mod interrupt;
 pub mod ioapic;
 pub mod kvm_irq;

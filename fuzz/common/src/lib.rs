@@ -43,6 +43,7 @@ pub(crate) fn check_seed_files(target: &str, seeds: Vec<(String, Vec<u8>)>) {
 }
 
 pub mod block;
+pub mod fw_cfg;
 
 pub mod ioapic;
 pub mod paging;
