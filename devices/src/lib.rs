@@ -9,6 +9,7 @@
 //!   the level-triggered [`IrqLine`] (PCI INTx#, an I/O APIC pin).
 //! * [`ioapic`] — a userspace I/O APIC (24 pins, edge/level, remote IRR, EOI) for KVM's split
 //!   irqchip, delivering MSI messages.
+//! * [`irq_port`] — a port that drives I/O APIC lines, for test devices and test kernels.
 //! * [`kvm_irq`] — split irqchip setup, the GSI routing table, `KVM_SIGNAL_MSI` and irqfds.
 //! * [`msi`] — MSI messages (SDM §11.11 encode/decode) and the [`msi::MsiSink`] they go to.
 //! * [`pci`] — the [`pci::PciFunction`] trait, type-0 config space, MSI-X, and the root bus
@@ -49,6 +50,7 @@ pub mod debug_exit;
 pub mod fw_cfg;
 pub mod interrupt;
 pub mod ioapic;
+pub mod irq_port;
 pub mod kvm_irq;
 #[cfg(test)]
 mod kvm_tests;
