@@ -388,3 +388,63 @@ fn kvm_multiboot_kernel_reads_its_command_line_and_memory_map() {
     assert_eq!(map, want);
     assert_eq!(r[r.len() - 2..], [640, (8 << 10) - 1024]);
 }
+
+/// An ELF64 kernel with a PVH note, loaded by linux-loader (vmkit-memory's `boot::load_elf`),
+/// its `hvm_start_info` written by `boot::write_pvh_start_info`, entered at the note's 32-bit
+/// entry through `ProtectedModeState::pvh`: the guest reports the start info's magic, its
+/// memory-map entry count and the first entry's size from EBX.
+#[test]
+fn kvm_pvh_kernel_loaded_through_linux_loader() {
+    use std::io::Cursor;
+    use vmkit_memory::GuestLayout;
+    use vmkit_memory::boot::test_images::{Elf32Segment, elf64_image};
+    use vmkit_memory::boot::{
+        PvhPlacement, XEN_HVM_START_MAGIC_VALUE, load_elf, write_pvh_start_info,
+    };
+    const LOAD: u32 = 0x20_0000;
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.mov(eax, dword_ptr(ebx)).unwrap(); // magic
+    a.out(0x80, eax).unwrap();
+    a.mov(eax, dword_ptr(ebx + 48)).unwrap(); // memmap_entries
+    a.out(0x80, eax).unwrap();
+    a.mov(esi, dword_ptr(ebx + 40)).unwrap(); // memmap_paddr
+    a.mov(eax, dword_ptr(esi + 8)).unwrap(); // entry 0: size (low)
+    a.out(0x80, eax).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(u64::from(LOAD)).unwrap();
+    let image = elf64_image(
+        0x100_0000, // the 64-bit entry, unused here
+        &[Elf32Segment {
+            paddr: LOAD,
+            data: &code,
+            mem_size: 0x1000,
+        }],
+        Some(LOAD),
+    );
+    let layout = GuestLayout::builder().ram_size(8 << 20).build().unwrap();
+    let mem = layout.create_memory().unwrap();
+    let kernel = load_elf(&mem, &mut Cursor::new(image)).unwrap();
+    let entry = kernel.pvh_entry.expect("PVH note") as u32;
+    let e820 = layout.e820();
+    let at = PvhPlacement {
+        start_info: 0x6000,
+        memmap: 0x7000,
+        cmdline: 0,
+        rsdp: 0,
+    };
+    write_pvh_start_info(&mem, at, &e820).unwrap();
+    let mut vm = KvmVm::new().unwrap();
+    vm.register_memory(&mem).unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let s = ProtectedModeState::pvh(entry, at.start_info as u32);
+    s.write_gdt(&mem).unwrap();
+    s.apply(&mut vcpu).unwrap();
+    assert_eq!(
+        run_reports(&mut vcpu),
+        [
+            XEN_HVM_START_MAGIC_VALUE,
+            e820.len() as u32,
+            e820[0].size as u32
+        ]
+    );
+}

@@ -80,7 +80,8 @@ pub struct LoadedKernel {
 }
 
 /// Load an ELF64 kernel (vmlinux) at its physical addresses through linux-loader; reports the
-/// PVH entry note if present.
+/// PVH entry note if present. linux-loader copies `p_filesz` bytes per segment and does not
+/// zero the rest of `p_memsz` (Linux clears its own bss).
 ///
 /// # Errors
 /// [`BootError::Load`]: not an ELF64 image, segments outside the image or guest memory.

@@ -64,3 +64,59 @@ pub fn multiboot_header(flags: u32) -> Vec<u8> {
         .flat_map(|v| v.to_le_bytes())
         .collect()
 }
+
+/// A little-endian ELF64 x86-64 executable (vmlinux-like) with entry `entry`, one `PT_LOAD`
+/// per segment and, with `pvh_entry`, a `PT_NOTE` holding the Xen `XEN_ELFNOTE_PHYS32_ENTRY`
+/// note (type 18, name "Xen") that announces a PVH entry point.
+pub fn elf64_image(entry: u64, segments: &[Elf32Segment<'_>], pvh_entry: Option<u32>) -> Vec<u8> {
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    let phnum = segments.len() + usize::from(pvh_entry.is_some());
+    let mut out = vec![0u8; EHDR + PHDR * phnum];
+    out[..4].copy_from_slice(b"\x7fELF");
+    out[4] = 2; // ELFCLASS64
+    out[5] = 1; // ELFDATA2LSB
+    out[6] = 1;
+    let put = |b: &mut Vec<u8>, at: usize, v: &[u8]| b[at..at + v.len()].copy_from_slice(v);
+    put(&mut out, 16, &2u16.to_le_bytes()); // ET_EXEC
+    put(&mut out, 18, &62u16.to_le_bytes()); // EM_X86_64
+    put(&mut out, 20, &1u32.to_le_bytes());
+    put(&mut out, 24, &entry.to_le_bytes());
+    put(&mut out, 32, &(EHDR as u64).to_le_bytes());
+    put(&mut out, 52, &(EHDR as u16).to_le_bytes());
+    put(&mut out, 54, &(PHDR as u16).to_le_bytes());
+    put(&mut out, 56, &(phnum as u16).to_le_bytes());
+    let phdr = |out: &mut Vec<u8>, i: usize, kind: u32, paddr: u64, data: &[u8], mem: u64| {
+        let ph = EHDR + i * PHDR;
+        let offset = out.len() as u64;
+        put(out, ph, &kind.to_le_bytes());
+        put(out, ph + 4, &7u32.to_le_bytes());
+        put(out, ph + 8, &offset.to_le_bytes());
+        put(out, ph + 16, &paddr.to_le_bytes());
+        put(out, ph + 24, &paddr.to_le_bytes());
+        put(out, ph + 32, &(data.len() as u64).to_le_bytes());
+        put(out, ph + 40, &mem.to_le_bytes());
+        put(out, ph + 48, &4u64.to_le_bytes());
+        out.extend_from_slice(data);
+    };
+    for (i, s) in segments.iter().enumerate() {
+        phdr(
+            &mut out,
+            i,
+            1,
+            u64::from(s.paddr),
+            s.data,
+            u64::from(s.mem_size),
+        );
+    }
+    if let Some(pvh) = pvh_entry {
+        let mut note = Vec::new();
+        for v in [4u32, 4, 18] {
+            note.extend_from_slice(&v.to_le_bytes()); // namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY
+        }
+        note.extend_from_slice(b"Xen\0");
+        note.extend_from_slice(&pvh.to_le_bytes());
+        phdr(&mut out, segments.len(), 4, 0, &note, 0); // PT_NOTE
+    }
+    out
+}

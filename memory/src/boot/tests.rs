@@ -3,7 +3,7 @@ use std::io::Cursor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::multiboot::*;
-use super::test_images::{Elf32Segment, elf32_image, multiboot_header};
+use super::test_images::{Elf32Segment, elf32_image, elf64_image, multiboot_header};
 use super::*;
 use crate::{E820Type, GuestLayout};
 
@@ -235,4 +235,37 @@ fn linux_loader_elf_and_pvh_start_info() {
     assert_eq!(si.cmdline_paddr, 0x8000);
     let e: hvm_memmap_table_entry = mem.read_obj(GuestAddress(0x7000)).unwrap();
     assert_eq!((e.addr, e.size, e.type_), (map[0].addr, map[0].size, 1));
+}
+
+#[test]
+fn linux_loader_loads_elf64_and_finds_the_pvh_note() {
+    let (mem, _) = memory();
+    let code = [0x90u8, 0x90, 0xf4];
+    let seg = [Elf32Segment {
+        paddr: 0x20_0000,
+        data: &code,
+        mem_size: 0x1000,
+    }];
+    let k = load_elf(
+        &mem,
+        &mut Cursor::new(elf64_image(0x20_0000, &seg, Some(0x20_0001))),
+    )
+    .unwrap();
+    assert_eq!(
+        (k.entry, k.end, k.pvh_entry),
+        (0x20_0000, 0x20_1000, Some(0x20_0001))
+    );
+    let mut got = [0u8; 3];
+    mem.read_slice(&mut got, GuestAddress(0x20_0000)).unwrap();
+    assert_eq!(got, code);
+    let k = load_elf(&mem, &mut Cursor::new(elf64_image(0x20_0000, &seg, None))).unwrap();
+    assert_eq!(k.pvh_entry, None);
+    // A segment outside guest memory is refused.
+    let far = [Elf32Segment {
+        paddr: 0x8000_0000,
+        data: &code,
+        mem_size: 3,
+    }];
+    let err = load_elf(&mem, &mut Cursor::new(elf64_image(0x8000_0000, &far, None))).unwrap_err();
+    assert!(matches!(err, BootError::Load(_)), "{err:?}");
 }
