@@ -31,25 +31,42 @@ pub const MULTIBOOT_BOOTLOADER_MAGIC: u32 = 0x2bad_b002;
 /// kvm-bindings type in the caller's code). Read and write them with
 /// [`VcpuRegisters::general_registers`] / [`VcpuRegisters::set_general_registers`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[allow(missing_docs)] // the fields are the architectural register names
 pub struct GeneralRegisters {
+    /// RAX.
     pub rax: u64,
+    /// RBX.
     pub rbx: u64,
+    /// RCX.
     pub rcx: u64,
+    /// RDX.
     pub rdx: u64,
+    /// RSI.
     pub rsi: u64,
+    /// RDI.
     pub rdi: u64,
+    /// RSP.
     pub rsp: u64,
+    /// RBP.
     pub rbp: u64,
+    /// R8.
     pub r8: u64,
+    /// R9.
     pub r9: u64,
+    /// R10.
     pub r10: u64,
+    /// R11.
     pub r11: u64,
+    /// R12.
     pub r12: u64,
+    /// R13.
     pub r13: u64,
+    /// R14.
     pub r14: u64,
+    /// R15.
     pub r15: u64,
+    /// RIP.
     pub rip: u64,
+    /// RFLAGS.
     pub rflags: u64,
 }
 

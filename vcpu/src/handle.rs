@@ -254,8 +254,9 @@ impl VcpuHandle {
         self.0.lock().parked
     }
 
-    /// Pause the vCPU (waiting at most `timeout` for it to leave KVM_RUN), run `read` on a
-    /// duplicate of its fd, and resume it unless it was paused already.
+    /// Pause the vCPU (waiting at most `timeout` for it to leave KVM_RUN), issue `request` on
+    /// a duplicate of its fd, and resume it unless it was paused already (a pause another
+    /// thread makes meanwhile is undone by that resume: pause explicitly around reads then).
     fn read_paused<T: Default>(&self, timeout: Duration, request: u64) -> Result<T, Error> {
         let was_paused = self.0.lock().paused;
         self.pause();

@@ -383,8 +383,8 @@ fn lower_upper(map: &[E820Entry]) -> (u32, u32) {
         map.iter()
             .find(|e| e.kind == E820Type::Ram && e.addr <= a && a < e.addr.saturating_add(e.size))
     };
-    let lower = ram_at(0).map_or(0, |e| (e.addr + e.size).min(640 << 10) >> 10);
-    let upper = ram_at(1 << 20).map_or(0, |e| (e.addr + e.size - (1 << 20)) >> 10);
+    let lower = ram_at(0).map_or(0, |e| e.addr.saturating_add(e.size).min(640 << 10) >> 10);
+    let upper = ram_at(1 << 20).map_or(0, |e| (e.addr.saturating_add(e.size) - (1 << 20)) >> 10);
     (lower as u32, upper.min(u64::from(u32::MAX)) as u32)
 }
 
