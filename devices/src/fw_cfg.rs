@@ -8,7 +8,9 @@
 //! * items: the signature `"QEMU"` ([`FW_CFG_SIGNATURE`]), the interface ID ([`FW_CFG_ID`]),
 //!   RAM size, CPU counts ([`FW_CFG_NB_CPUS`], [`FW_CFG_MAX_CPUS`]), the kernel command line
 //!   ([`FW_CFG_CMDLINE_SIZE`], [`FW_CFG_CMDLINE_DATA`]) and named files listed in the file
-//!   directory ([`FW_CFG_FILE_DIR`], big-endian, 64-byte entries) from [`FW_CFG_FILE_FIRST`] on.
+//!   directory ([`FW_CFG_FILE_DIR`], big-endian, 64-byte entries) from [`FW_CFG_FILE_FIRST`] on,
+//!   in the order they were added (QEMU sorts its directory by name; firmware looks files up
+//!   by name, so only a guest that assumes the order would notice).
 //!
 //! **The DMA interface (port 0x514) is refused:** [`FW_CFG_ID`] reads 1 (traditional interface
 //! only; bit 1, DMA, clear), so a guest that honours the spec never touches it, and the device
