@@ -38,7 +38,7 @@ use thiserror::Error;
 
 use crate::MutBusDevice;
 use crate::interrupt::{InterruptSource, IrqLine};
-use crate::msi::{DeliveryMode, MsiFields, MsiMessage, MsiSink};
+use crate::msi::{DeliveryMode, MsiDelivery, MsiFields, MsiMessage, MsiSink};
 
 /// Number of input pins (and redirection entries).
 pub const IOAPIC_NUM_PINS: usize = 24;
@@ -99,8 +99,13 @@ pub enum IoapicError {
 /// Counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IoapicStats {
-    /// Messages sent.
+    /// Messages the sink delivered.
     pub delivered: u64,
+    /// Messages no local APIC accepted ([`MsiDelivery::Blocked`], e.g. the destination APIC
+    /// is software-disabled); a level pin's remote IRR stays clear for them, as no EOI will
+    /// come (KVM's own IOAPIC does the same, `ioapic_service`).
+    #[serde(default)]
+    pub undelivered: u64,
     /// Edges and level asserts ignored because the pin was masked.
     pub masked: u64,
     /// EOIs received (any vector).
@@ -236,11 +241,16 @@ impl Ioapic {
             self.stats.bad_entries += 1;
             return;
         };
-        if e & redir::TRIGGER_MODE != 0 {
-            self.table[p] |= redir::REMOTE_IRR;
-        }
-        match self.sink.send(msg) {
-            Ok(()) => self.stats.delivered += 1,
+        match self.sink.deliver(msg) {
+            Ok(MsiDelivery::Delivered) => {
+                // Set after the send, but no EOI can come in between: it is handled under the
+                // same `&mut self`.
+                if e & redir::TRIGGER_MODE != 0 {
+                    self.table[p] |= redir::REMOTE_IRR;
+                }
+                self.stats.delivered += 1;
+            }
+            Ok(MsiDelivery::Blocked) => self.stats.undelivered += 1,
             Err(_) => self.stats.delivery_errors += 1,
         }
     }

@@ -12,9 +12,9 @@
 //! ```no_run
 //! use std::sync::{Arc, Mutex};
 //! use vmkit_devices::ioapic::{Ioapic, IOAPIC_DEFAULT_BASE, IOAPIC_MMIO_SIZE};
-//! use vmkit_devices::kvm_irq::{KvmIrqRouter, enable_split_irqchip};
+//! use vmkit_devices::kvm_irq::{KvmIrqRouter, enable_split_irqchip, run_split_irqchip};
 //! use vmkit_devices::IoBuses;
-//! use vmkit_vcpu::{Exit, KvmVm, RunOutcome};
+//! use vmkit_vcpu::{ExitStats, KvmVm, RunOutcome, StopHandle};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let vm = KvmVm::new()?;
@@ -23,10 +23,16 @@
 //! let ioapic = Arc::new(Mutex::new(Ioapic::new(router.clone())));
 //! let buses = Arc::new(IoBuses::default());
 //! buses.mmio.insert(IOAPIC_DEFAULT_BASE, IOAPIC_MMIO_SIZE, "ioapic", ioapic.clone())?;
-//! let vcpu = vm.create_vcpu(0)?;
-//! // In the run loop: `RunOutcome::Exit(Exit::IoapicEoi { vector })` =>
-//! //     ioapic.lock().unwrap().end_of_interrupt(vector), then run again.
+//! let mut vcpu = vm.create_vcpu(0)?;
 //! // MSI-X: `router.attach_msix(&msix)?` gives every vector an irqfd.
+//! // ... load a guest, apply an entry state ...
+//! let stop = StopHandle::new();
+//! let mut stats = ExitStats::default();
+//! // EOIs of level-triggered vectors go to the IOAPIC; kicks re-enter; a stop ends the loop.
+//! match run_split_irqchip(&mut vcpu, &*buses, &stop, &mut stats, &*ioapic)? {
+//!     RunOutcome::Stopped(status) => println!("stopped: {status}"),
+//!     RunOutcome::Exit(exit) => println!("for the VMM to decide: {exit:?}"),
+//! }
 //! # Ok(()) }
 //! ```
 
@@ -42,12 +48,12 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 use thiserror::Error;
-use vmkit_vcpu::KvmVm;
+use vmkit_vcpu::{Exit, ExitStats, IoHandler, KvmVm, RunOutcome, StopHandle, VcpuRun};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::interrupt::InterruptSource;
-use crate::ioapic::IOAPIC_NUM_PINS;
-use crate::msi::{IrqfdControl, MsiMessage, MsiSink};
+use crate::ioapic::{IOAPIC_NUM_PINS, Ioapic};
+use crate::msi::{IrqfdControl, MsiDelivery, MsiMessage, MsiSink};
 use crate::pci::Msix;
 
 /// The first GSI [`KvmIrqRouter::allocate_gsi`] hands out (after the IOAPIC pins).
@@ -164,18 +170,24 @@ impl KvmIrqRouter {
         Ok(())
     }
 
-    /// Deliver `msg` with `KVM_SIGNAL_MSI`.
-    pub fn signal_msi(&self, msg: MsiMessage) -> Result<(), KvmIrqError> {
+    /// Deliver `msg` with `KVM_SIGNAL_MSI` and report KVM's answer: a positive return is
+    /// [`MsiDelivery::Delivered`], 0 is [`MsiDelivery::Blocked`] (no APIC accepted it).
+    ///
+    /// # Errors
+    /// [`KvmIrqError::Kvm`] when the ioctl fails (e.g. no in-kernel LAPIC).
+    pub fn signal_msi(&self, msg: MsiMessage) -> Result<MsiDelivery, KvmIrqError> {
         let m = kvm_msi {
             address_lo: msg.address as u32,
             address_hi: (msg.address >> 32) as u32,
             data: msg.data,
             ..Default::default()
         };
-        self.vm
-            .signal_msi(m)
-            .map(|_| ())
-            .map_err(kvm("KVM_SIGNAL_MSI"))
+        let accepted = self.vm.signal_msi(m).map_err(kvm("KVM_SIGNAL_MSI"))?;
+        Ok(if accepted > 0 {
+            MsiDelivery::Delivered
+        } else {
+            MsiDelivery::Blocked
+        })
     }
 
     fn commit(&self, routes: &BTreeMap<u32, kvm_irq_routing_entry>) -> io::Result<()> {
@@ -188,6 +200,10 @@ impl KvmIrqRouter {
 
 impl MsiSink for KvmIrqRouter {
     fn send(&self, msg: MsiMessage) -> io::Result<()> {
+        self.deliver(msg).map(|_| ())
+    }
+
+    fn deliver(&self, msg: MsiMessage) -> io::Result<MsiDelivery> {
         self.signal_msi(msg).map_err(io::Error::other)
     }
 
@@ -266,5 +282,149 @@ impl SignalMsiInterrupt {
 impl InterruptSource for SignalMsiInterrupt {
     fn trigger(&self) -> io::Result<()> {
         self.router.send(self.msg)
+    }
+}
+
+/// Where [`run_split_irqchip`] forwards `KVM_EXIT_IOAPIC_EOI`: the userspace IOAPIC (a
+/// `Mutex<Ioapic>`, as it sits on the MMIO bus), or a wrapper around it that also observes.
+pub trait EoiTarget {
+    /// The guest's local APIC ended the level-triggered interrupt `vector`.
+    fn end_of_interrupt(&self, vector: u8);
+}
+
+impl EoiTarget for Mutex<Ioapic> {
+    fn end_of_interrupt(&self, vector: u8) {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .end_of_interrupt(vector);
+    }
+}
+
+impl<T: EoiTarget + ?Sized> EoiTarget for Arc<T> {
+    fn end_of_interrupt(&self, vector: u8) {
+        (**self).end_of_interrupt(vector)
+    }
+}
+
+/// The run loop of a split-irqchip VMM: [`vmkit_vcpu::run_until_exit`] (guest I/O to `io`,
+/// every exit counted in `stats`) plus what every such VMM needs around it — an
+/// `IoapicEoi { vector }` exit is forwarded to `eoi` (which redelivers a level line that is
+/// still asserted), an interrupted run (`Exit::Interrupted`: a signal or a kick) is re-entered
+/// after `stop` is checked again, and a [`StopHandle`] request ends the loop. Any other exit
+/// is returned for the caller to decide.
+///
+/// # Errors
+/// The vCPU backend fails (`KVM_RUN` with an error other than EINTR/EAGAIN).
+pub fn run_split_irqchip<V, H, E>(
+    vcpu: &mut V,
+    io: &H,
+    stop: &StopHandle,
+    stats: &mut ExitStats,
+    eoi: &E,
+) -> Result<RunOutcome, vmkit_vcpu::Error>
+where
+    V: VcpuRun + ?Sized,
+    H: IoHandler + ?Sized,
+    E: EoiTarget + ?Sized,
+{
+    loop {
+        match vmkit_vcpu::run_until_exit(vcpu, io, stop, stats)? {
+            RunOutcome::Exit(Exit::IoapicEoi { vector }) => eoi.end_of_interrupt(vector),
+            RunOutcome::Exit(Exit::Interrupted) => {}
+            outcome => return Ok(outcome),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use vmkit_vcpu::{ExitKind, VcpuExit};
+
+    /// A vCPU replaying exits; after the script it reports `Hlt`.
+    struct Script(Vec<Exit>);
+
+    impl VcpuRun for Script {
+        fn run(&mut self) -> Result<VcpuExit<'_>, vmkit_vcpu::Error> {
+            Ok(VcpuExit::Other(if self.0.is_empty() {
+                Exit::Hlt
+            } else {
+                self.0.remove(0)
+            }))
+        }
+    }
+
+    struct NoIo;
+    impl IoHandler for NoIo {
+        fn pio_read(&self, _: u16, data: &mut [u8]) {
+            data.fill(0xff)
+        }
+        fn pio_write(&self, _: u16, _: &[u8]) {}
+        fn mmio_read(&self, _: u64, data: &mut [u8]) {
+            data.fill(0xff)
+        }
+        fn mmio_write(&self, _: u64, _: &[u8]) {}
+    }
+
+    #[derive(Default)]
+    struct Eois(RefCell<Vec<u8>>, Option<StopHandle>);
+    impl EoiTarget for Eois {
+        fn end_of_interrupt(&self, vector: u8) {
+            self.0.borrow_mut().push(vector);
+            if let Some(stop) = &self.1 {
+                stop.request(9);
+            }
+        }
+    }
+
+    #[test]
+    fn eois_are_forwarded_and_interrupted_runs_reentered() {
+        let mut v = Script(vec![
+            Exit::IoapicEoi { vector: 0x30 },
+            Exit::Interrupted,
+            Exit::IoapicEoi { vector: 0x31 },
+            Exit::Shutdown,
+        ]);
+        let eois = Eois::default();
+        let mut stats = ExitStats::default();
+        let out = run_split_irqchip(&mut v, &NoIo, &StopHandle::new(), &mut stats, &eois);
+        assert_eq!(out.unwrap(), RunOutcome::Exit(Exit::Shutdown));
+        assert_eq!(*eois.0.borrow(), [0x30, 0x31]);
+        assert_eq!(stats.get(ExitKind::IoapicEoi), 2);
+        assert_eq!(stats.total(), 4);
+    }
+
+    #[test]
+    fn a_stop_requested_while_handling_an_eoi_ends_the_loop() {
+        let stop = StopHandle::new();
+        let mut v = Script(vec![Exit::IoapicEoi { vector: 0x30 }, Exit::Interrupted]);
+        let eois = Eois(RefCell::default(), Some(stop.clone()));
+        let mut stats = ExitStats::default();
+        let out = run_split_irqchip(&mut v, &NoIo, &stop, &mut stats, &eois).unwrap();
+        assert_eq!(out, RunOutcome::Stopped(9));
+        assert_eq!(stats.total(), 1);
+    }
+
+    #[test]
+    fn the_ioapic_redelivers_on_eoi() {
+        use crate::msi::{MsiEvent, RecordingMsiSink};
+        let sink = Arc::new(RecordingMsiSink::default());
+        let ioapic = Mutex::new(Ioapic::new(sink.clone()));
+        {
+            let mut io = ioapic.lock().unwrap();
+            io.write_register(0x10 + 2 * 3, 0x8000 | 0x30); // pin 3: level, vector 0x30
+            io.set_irq(3, true);
+        }
+        let mut v = Script(vec![Exit::IoapicEoi { vector: 0x30 }]);
+        let mut stats = ExitStats::default();
+        run_split_irqchip(&mut v, &NoIo, &StopHandle::new(), &mut stats, &ioapic).unwrap();
+        let sent = sink
+            .events()
+            .iter()
+            .filter(|e| matches!(e, MsiEvent::Sent(_)))
+            .count();
+        assert_eq!(sent, 2, "delivered, then redelivered after the EOI");
+        assert_eq!(ioapic.lock().unwrap().stats().eois, 1);
     }
 }

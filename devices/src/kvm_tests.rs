@@ -5,11 +5,11 @@ use std::sync::{Arc, Mutex};
 use iced_x86::code_asm::*;
 use vm_memory::GuestMemoryMmap;
 use vmkit_vcpu::test_utils::{CODE_ADDR, DATA_ADDR, HarnessError, TinyGuest};
-use vmkit_vcpu::{Exit, ExitStats, KvmVcpu, KvmVm, RunOutcome, StopHandle};
+use vmkit_vcpu::{ExitStats, KvmVcpu, KvmVm, RunOutcome, StopHandle};
 
 use crate::debug_exit::DebugExit;
 use crate::ioapic::{IOAPIC_DEFAULT_BASE, IOAPIC_MMIO_SIZE, Ioapic};
-use crate::kvm_irq::{KvmIrqRouter, enable_split_irqchip};
+use crate::kvm_irq::{EoiTarget, KvmIrqRouter, enable_split_irqchip, run_split_irqchip};
 use crate::{BusDevice, IoBuses};
 
 /// Where the interrupt handler is loaded.
@@ -92,7 +92,28 @@ impl BusDevice for LevelDevice {
     }
 }
 
-/// A level-triggered IOAPIC pin with the split irqchip: the line is delivered once, not again
+/// The test's EOI target: forwards to the IOAPIC (as `Mutex<Ioapic>` does) and records, per
+/// EOI exit, (vector, line asserted, deliveries before, deliveries after).
+struct EoiRecorder {
+    device: Arc<LevelDevice>,
+    ioapic: Arc<Mutex<Ioapic>>,
+    eois: Mutex<Vec<(u8, bool, u64, u64)>>,
+}
+
+impl EoiTarget for EoiRecorder {
+    fn end_of_interrupt(&self, vector: u8) {
+        let mut eois = self.eois.lock().unwrap();
+        assert!(eois.len() < 20, "EOI exit storm: {eois:?}");
+        let asserted = self.device.log.lock().unwrap().asserted;
+        let mut io = self.ioapic.lock().unwrap();
+        let before = io.stats().delivered;
+        io.end_of_interrupt(vector);
+        eois.push((vector, asserted, before, io.stats().delivered));
+    }
+}
+
+/// A level-triggered IOAPIC pin with the split irqchip, run by the shared split-irqchip loop
+/// ([`run_split_irqchip`], EOIs forwarded to the IOAPIC): the line is delivered once, not again
 /// while the vector is in service (re-asserting changes nothing), redelivered after each EOI
 /// while still asserted, and not after the guest has acknowledged the device.
 ///
@@ -201,26 +222,16 @@ fn kvm_ioapic_level_interrupt() {
         .unwrap();
 
     let mut stats = ExitStats::default();
-    // Per EOI exit: (vector, line asserted, deliveries before, deliveries after).
-    let mut eois = Vec::new();
-    let status = loop {
-        assert!(
-            eois.len() < 20,
-            "EOI exit storm: {eois:?} {:?}",
-            device.log.lock().unwrap()
-        );
-        match vmkit_vcpu::run_until_exit(&mut vcpu, &buses, &stop, &mut stats).unwrap() {
-            RunOutcome::Stopped(s) => break s,
-            RunOutcome::Exit(Exit::IoapicEoi { vector }) => {
-                let asserted = device.log.lock().unwrap().asserted;
-                let mut io = ioapic.lock().unwrap();
-                let before = io.stats().delivered;
-                io.end_of_interrupt(vector);
-                eois.push((vector, asserted, before, io.stats().delivered));
-            }
-            RunOutcome::Exit(other) => panic!("unexpected exit {other:?}"),
-        }
+    let eoi = EoiRecorder {
+        device: device.clone(),
+        ioapic: ioapic.clone(),
+        eois: Mutex::default(),
     };
+    let status = match run_split_irqchip(&mut vcpu, &buses, &stop, &mut stats, &eoi).unwrap() {
+        RunOutcome::Stopped(s) => s,
+        RunOutcome::Exit(other) => panic!("unexpected exit {other:?}"),
+    };
+    let eois = eoi.eois.into_inner().unwrap();
     let log = device.log.lock().unwrap();
     let delivered = ioapic.lock().unwrap().stats().delivered;
     // Every delivery ran the guest handler, and every one was EOI'd.
@@ -603,4 +614,129 @@ fn kvm_msix_masked_irqfd_write_is_held_pending() {
     );
     assert!(!msix.pending(0));
     assert_eq!(root.stats(), crate::pci::PciStats::default());
+}
+
+/// `KVM_SIGNAL_MSI` says whether a local APIC took the message, and the IOAPIC counts what the
+/// guest blocked apart from what it delivered. A vCPU's APIC is software-disabled after reset
+/// (SVR bit 8 clear, SDM vol. 3A §11.4.7.1), so a fixed interrupt to it is not accepted
+/// (§11.4.7.2): KVM answers 0. With SVR enabled (set through KVM_SET_LAPIC, no guest code
+/// needed) the same message is delivered.
+#[test]
+fn kvm_signal_msi_reports_blocked_delivery() {
+    use crate::ioapic::redir;
+    use crate::msi::{MsiDelivery, MsiMessage};
+    use vmkit_vcpu::VcpuExtendedState;
+    const PIN: u8 = 2;
+    const VECTOR: u32 = 0x33;
+    let g = IrqGuest::new(|a| a.hlt(), |a| a.iretq(), VECTOR as u8).unwrap();
+    let IrqGuest { vm, mut vcpu, _mem } = g;
+    let router = KvmIrqRouter::new(&vm).unwrap();
+    let msg = MsiMessage {
+        address: LAPIC_BASE,
+        data: VECTOR,
+    };
+    assert_eq!(router.signal_msi(msg).unwrap(), MsiDelivery::Blocked);
+
+    let mut ioapic = Ioapic::new(router.clone());
+    ioapic.write_register(0x10 + 2 * PIN, VECTOR); // edge, fixed, unmasked, APIC 0
+    ioapic.set_irq(PIN, true);
+    let s = ioapic.stats();
+    assert_eq!((s.delivered, s.undelivered, s.delivery_errors), (0, 1, 0));
+    // A level pin whose message was blocked keeps remote IRR clear: no EOI will come.
+    ioapic.write_register(0x10 + 2 * (PIN + 1), 0x8000 | VECTOR);
+    ioapic.set_irq(PIN + 1, true);
+    assert_eq!(ioapic.entry(PIN + 1).unwrap() & redir::REMOTE_IRR, 0);
+    assert_eq!(ioapic.stats().undelivered, 2);
+
+    // Software-enable the APIC: SVR (offset 0xf0) = 0x1ff.
+    let mut lapic = vcpu.lapic().unwrap();
+    for (i, b) in 0x1ffu32.to_le_bytes().iter().enumerate() {
+        lapic.regs[LAPIC_SVR as usize + i] = *b as _;
+    }
+    vcpu.set_lapic(&lapic).unwrap();
+    assert_eq!(router.signal_msi(msg).unwrap(), MsiDelivery::Delivered);
+    ioapic.set_irq(PIN, false);
+    ioapic.set_irq(PIN, true);
+    let s = ioapic.stats();
+    assert_eq!((s.delivered, s.undelivered, s.delivery_errors), (1, 2, 0));
+}
+
+/// A guest reads fw_cfg through the real port protocol: the signature, then the CPU count
+/// (16-bit selector write to 0x510, byte reads from 0x511), reported on port 0x84.
+#[test]
+fn kvm_guest_reads_fw_cfg() {
+    use crate::fw_cfg::{FW_CFG_NB_CPUS, FW_CFG_PORT_COUNT, FW_CFG_PORT_SEL, FwCfg, FwCfgConfig};
+    fn read_item(a: &mut CodeAssembler, key: u16, n: u32) -> Result<(), IcedError> {
+        a.mov(dx, FW_CFG_PORT_SEL as u32)?;
+        a.mov(ax, key as u32)?;
+        a.out(dx, ax)?;
+        a.inc(dx)?;
+        a.xor(ebx, ebx)?;
+        for i in 0..n {
+            a.in_(al, dx)?;
+            a.movzx(eax, al)?;
+            a.shl(eax, 8 * i)?;
+            a.or(ebx, eax)?;
+        }
+        a.mov(eax, ebx)?;
+        a.out(0x84, eax)
+    }
+    let g = IrqGuest::new(
+        |a| {
+            read_item(a, 0, 4)?;
+            read_item(a, FW_CFG_NB_CPUS, 2)?;
+            a.out(0xf4, al)
+        },
+        |a| a.iretq(),
+        0x30,
+    )
+    .unwrap();
+    let IrqGuest {
+        vm: _vm,
+        mut vcpu,
+        _mem,
+    } = g;
+    let fw = Arc::new(Mutex::new(FwCfg::new(&FwCfgConfig {
+        nb_cpus: 3,
+        max_cpus: 3,
+        ..Default::default()
+    })));
+    #[derive(Default)]
+    struct Log(Mutex<Vec<u32>>);
+    impl BusDevice for Log {
+        fn read(&self, _: u64, data: &mut [u8]) {
+            data.fill(0)
+        }
+        fn write(&self, _: u64, data: &[u8]) {
+            if let &[a, b, c, d] = data {
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push(u32::from_le_bytes([a, b, c, d]));
+            }
+        }
+    }
+    let log = Arc::new(Log::default());
+    let stop = StopHandle::new();
+    let buses = IoBuses::default();
+    buses
+        .pio
+        .insert(
+            FW_CFG_PORT_SEL as u64,
+            FW_CFG_PORT_COUNT,
+            "fw_cfg",
+            fw.clone(),
+        )
+        .unwrap();
+    buses.pio.insert(0x84, 4, "log", log.clone()).unwrap();
+    buses
+        .pio
+        .insert(0xf4, 4, "exit", Arc::new(DebugExit::new(stop.clone())))
+        .unwrap();
+    let mut stats = ExitStats::default();
+    let out = vmkit_vcpu::run_until_exit(&mut vcpu, &buses, &stop, &mut stats).unwrap();
+    assert!(matches!(out, RunOutcome::Stopped(_)), "{out:?}");
+    assert_eq!(*log.0.lock().unwrap(), [u32::from_le_bytes(*b"QEMU"), 3]);
+    let s = fw.lock().unwrap().stats();
+    assert_eq!((s.selects, s.data_reads, s.bad_accesses), (2, 6, 0));
 }

@@ -9,11 +9,14 @@
 //!   the level-triggered [`IrqLine`] (PCI INTx#, an I/O APIC pin).
 //! * [`ioapic`] — a userspace I/O APIC (24 pins, edge/level, remote IRR, EOI) for KVM's split
 //!   irqchip, delivering MSI messages.
+//! * [`irq_port`] — a port that drives I/O APIC lines, for test devices and test kernels.
 //! * [`kvm_irq`] — split irqchip setup, the GSI routing table, `KVM_SIGNAL_MSI` and irqfds.
 //! * [`msi`] — MSI messages (SDM §11.11 encode/decode) and the [`msi::MsiSink`] they go to.
 //! * [`pci`] — the [`pci::PciFunction`] trait, type-0 config space, MSI-X, and the root bus
 //!   (0xCF8/0xCFC and ECAM) that maps BARs on the buses.
 //! * [`serial`] — a 16550 UART (vm-superio) writing to any `io::Write`.
+//! * [`fw_cfg`] — QEMU's fw_cfg interface (ports 0x510/0x511: signature, file directory, RAM
+//!   size, CPU counts, command line; DMA refused).
 //! * [`debug_exit`] — a port through which the guest ends the VM with a status code.
 //!
 //! ```
@@ -44,8 +47,10 @@
 
 pub mod bus;
 pub mod debug_exit;
+pub mod fw_cfg;
 pub mod interrupt;
 pub mod ioapic;
+pub mod irq_port;
 pub mod kvm_irq;
 #[cfg(test)]
 mod kvm_tests;

@@ -152,11 +152,29 @@ impl From<MsiFields> for MsiMessage {
     }
 }
 
+/// What became of a message handed to [`MsiSink::deliver`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MsiDelivery {
+    /// At least one local APIC accepted it (`KVM_SIGNAL_MSI` returned > 0).
+    Delivered,
+    /// No local APIC accepted it (`KVM_SIGNAL_MSI` returned 0): the guest blocks it, e.g. its
+    /// destination APIC is software-disabled (SDM vol. 3A §11.4.7.2: a disabled APIC accepts
+    /// no fixed interrupts) or no APIC matches the destination.
+    Blocked,
+}
+
 /// Where interrupt producers send MSI messages: KVM (`KVM_SIGNAL_MSI` / GSI routes, see
 /// `kvm_irq`) or, in tests, a [`RecordingMsiSink`].
 pub trait MsiSink: Send + Sync {
     /// Deliver `msg` to the guest now.
     fn send(&self, msg: MsiMessage) -> io::Result<()>;
+
+    /// Deliver `msg` and say whether the guest took it ([`MsiDelivery`]). Sinks that cannot
+    /// tell (the default: [`send`](Self::send)) report [`MsiDelivery::Delivered`]; KVM's
+    /// router reports `KVM_SIGNAL_MSI`'s answer.
+    fn deliver(&self, msg: MsiMessage) -> io::Result<MsiDelivery> {
+        self.send(msg).map(|()| MsiDelivery::Delivered)
+    }
 
     /// Tell the router that `gsi` now carries `msg` (`None`: unrouted). Routed GSIs let irqfds
     /// deliver without a userspace exit, and KVM's split irqchip learns from the routes of the

@@ -3,7 +3,7 @@
 //! [`PciMachine::new`] builds what every PCI example needs: guest memory with identity page
 //! tables (2 MiB pages over the low 4 GiB), an IDT whose [`VECTOR`] gate leads to
 //! [`interrupt_handler`], a VM with the split irqchip (in-kernel LAPIC, so MSIs arrive without
-//! exits), a [`KvmIrqRouter`], a PCI root bus behind ports 0xCF8..0xCFF, a 16550 on COM1
+//! exits), a [`KvmIrqRouter`], vmkit's userspace IOAPIC at its default base, a PCI root bus behind ports 0xCF8..0xCFF, a 16550 on COM1
 //! printing to stdout and a debug-exit port. [`PciMachine::add_virtio`] puts a virtio device
 //! behind a `VirtioPciTransport` at 00:[`PCI_SLOT`].0 with irqfds on its MSI-X vectors and
 //! ioeventfd doorbells (served by a `NotifyWorker`) at the BAR address the example guests
@@ -27,13 +27,12 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmkit_devices::kvm_irq::{KvmIrqRouter, enable_split_irqchip};
+use vmkit_devices::ioapic::{IOAPIC_DEFAULT_BASE, IOAPIC_MMIO_SIZE, Ioapic};
+use vmkit_devices::kvm_irq::{KvmIrqRouter, enable_split_irqchip, run_split_irqchip};
 use vmkit_devices::pci::{PciFunction, PciRoot, cap_id};
 use vmkit_devices::{IoBuses, debug_exit::DebugExit, interrupt::NoInterrupt, serial::Serial};
 use vmkit_memory::{GuestLayout, PageSize, PageTableBuilder, paging::flags};
-use vmkit_vcpu::{
-    ExitStats, KvmVcpu, KvmVm, LongModeState, RunOutcome, StopHandle, run_until_exit,
-};
+use vmkit_vcpu::{ExitStats, KvmVcpu, KvmVm, LongModeState, RunOutcome, StopHandle};
 use vmkit_virtio::VirtioDevice;
 use vmkit_virtio::notify::{NotifyWorker, register_ioeventfds};
 use vmkit_virtio::pci::VirtioPciTransport;
@@ -57,6 +56,7 @@ pub struct PciMachine {
     router: Arc<KvmIrqRouter>,
     buses: Arc<IoBuses>,
     root: Arc<PciRoot>,
+    ioapic: Arc<Mutex<Ioapic>>,
     stop: StopHandle,
     cr3: u64,
 }
@@ -108,6 +108,13 @@ impl PciMachine {
         let buses = Arc::new(IoBuses::default());
         let root = PciRoot::new(&buses);
         buses.pio.insert(0xcf8, 8, "pci", root.config_io())?;
+        let ioapic = Arc::new(Mutex::new(Ioapic::new(router.clone())));
+        buses.mmio.insert(
+            IOAPIC_DEFAULT_BASE,
+            IOAPIC_MMIO_SIZE,
+            "ioapic",
+            ioapic.clone(),
+        )?;
         let stop = StopHandle::new();
         add_console(&buses, &stop)?;
         Ok(Self {
@@ -117,6 +124,7 @@ impl PciMachine {
             router,
             buses,
             root,
+            ioapic,
             stop,
         })
     }
@@ -124,6 +132,11 @@ impl PciMachine {
     /// Guest memory.
     pub fn mem(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// The userspace IOAPIC (at [`IOAPIC_DEFAULT_BASE`]), e.g. for a device's INTx line.
+    pub fn ioapic(&self) -> &Arc<Mutex<Ioapic>> {
+        &self.ioapic
     }
 
     /// Put `device` on the bus at 00:[`PCI_SLOT`].0 behind virtio-pci: irqfds on its MSI-X
@@ -172,7 +185,7 @@ impl PciMachine {
         let cpu = LongModeState::flat_64(self.cr3, CODE, STACK_TOP);
         cpu.write_gdt(&self.mem)?;
         cpu.apply(&mut vcpu)?;
-        run_to_debug_exit(&mut vcpu, &self.buses, &self.stop)
+        run_to_debug_exit(&mut vcpu, &self.buses, &self.stop, &self.ioapic)
     }
 }
 
@@ -188,15 +201,17 @@ pub fn add_console(buses: &IoBuses, stop: &StopHandle) -> Result<(), Error> {
     Ok(())
 }
 
-/// Run `vcpu` until the guest writes the debug-exit port: its status and the exits taken.
-/// Any exit the run loop hands back instead is an error for these examples.
+/// Run `vcpu` through the split-irqchip loop ([`run_split_irqchip`]: IOAPIC EOIs forwarded to
+/// `ioapic`, interrupted runs re-entered) until the guest writes the debug-exit port: its status
+/// and the exits taken. Any other exit the loop hands back is an error for these examples.
 pub fn run_to_debug_exit(
     vcpu: &mut KvmVcpu,
     buses: &IoBuses,
     stop: &StopHandle,
+    ioapic: &Mutex<Ioapic>,
 ) -> Result<(u32, ExitStats), Error> {
     let mut stats = ExitStats::default();
-    match run_until_exit(vcpu, buses, stop, &mut stats)? {
+    match run_split_irqchip(vcpu, buses, stop, &mut stats, ioapic)? {
         RunOutcome::Stopped(status) => Ok((status, stats)),
         RunOutcome::Exit(exit) => Err(format!("unexpected exit: {exit:?}").into()),
     }

@@ -14,6 +14,8 @@
 //! * [`nested`] — the two-dimensional walk (guest ∘ EPT) with every memory reference.
 //! * [`shadow`] — the shadow page-table model (write-protected guest tables, unsync/resync).
 //! * [`tlb`] — a TLB tagged by VPID and PCID with INVLPG / INVPCID / CR3 flush semantics.
+//! * [`boot`] — kernel loaders: ELF, bzImage and the PVH start info through linux-loader, and
+//!   multiboot v1 (ELF32 / a.out kludge, information structure with memory map and command line).
 //! * [`dirty`] — "pages written since last sync" from KVM's dirty log or dirty ring and
 //!   vm-memory's bitmap.
 //!
@@ -28,6 +30,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod boot;
 pub mod dirty;
 pub mod ept;
 pub mod layout;

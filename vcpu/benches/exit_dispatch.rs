@@ -109,8 +109,8 @@ impl vmkit_vcpu::VcpuInterruptWindow for Synthetic {
 }
 
 impl vmkit_vcpu::control::VcpuKick for Synthetic {
-    fn immediate_exit_ptr(&mut self) -> *mut u8 {
-        &mut self.buf[3]
+    fn handle(&self) -> Result<vmkit_vcpu::VcpuHandle, vmkit_vcpu::Error> {
+        Ok(vmkit_vcpu::VcpuHandle::detached())
     }
 }
 

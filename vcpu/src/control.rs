@@ -1,5 +1,5 @@
-//! Controlling a running vCPU from outside: pause/resume and kicks (KVM `immediate_exit` plus a
-//! signal that interrupts KVM_RUN), a per-vCPU CPU-time budget ([`ExecutionCap`]) enforced from
+//! Controlling a running vCPU from outside: pause/resume, kicks and register reads through the
+//! vCPU's [`VcpuHandle`] (see [`crate::handle`]), a per-vCPU CPU-time budget ([`ExecutionCap`]) enforced from
 //! the vCPU thread's CPU time, and pending-interrupt delivery — all in [`run_controlled`], a run
 //! loop that adds these to [`run_until_exit`](crate::run_until_exit)'s dispatch.
 //!
@@ -9,150 +9,36 @@
 //! use vmkit_vcpu::{ExitStats, StopHandle};
 //! # fn demo(vcpu: &mut vmkit_vcpu::KvmVcpu, io: &dyn vmkit_vcpu::IoHandler) -> Result<(), vmkit_vcpu::Error> {
 //! let mut ctl = RunControl::new()?.with_cap(ExecutionCap::new(0.25, Duration::from_millis(20)));
-//! let pauser = ctl.handle(); // Send + Clone: pause()/resume()/kick() from any thread
+//! let pauser = vcpu.handle()?; // Send + Clone: pause()/resume()/kick() from any thread
 //! let mut stats = ExitStats::default();
 //! let outcome = run_controlled(vcpu, io, &StopHandle::new(), &mut stats, &mut ctl)?;
 //! # let _ = (outcome, pauser); Ok(()) }
 //! ```
 
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use libc::c_int;
-use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
-
 use crate::events::InterruptQueue;
+pub use crate::handle::{KICK_SIGNAL_OFFSET, VcpuHandle, kick_signal};
 use crate::{
     Error, Exit, ExitStats, IoHandler, KvmVcpu, RunOutcome, StopHandle, VcpuInterruptWindow,
     VcpuRun, dispatch_io,
 };
 
-/// The signal used to kick a vCPU thread out of KVM_RUN: `SIGRTMIN() + KICK_SIGNAL_OFFSET`.
-pub const KICK_SIGNAL_OFFSET: c_int = 0;
-
-/// The kick signal number.
-pub fn kick_signal() -> c_int {
-    SIGRTMIN() + KICK_SIGNAL_OFFSET
-}
-
-extern "C" fn noop_handler(_: c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-fn install_kick_handler() -> Result<(), Error> {
-    static ONCE: Once = Once::new();
-    static RESULT: AtomicI32 = AtomicI32::new(0);
-    ONCE.call_once(|| {
-        if let Err(e) = register_signal_handler(kick_signal(), noop_handler) {
-            RESULT.store(e.errno(), Ordering::Release);
-        }
-    });
-    match RESULT.load(Ordering::Acquire) {
-        0 => Ok(()),
-        errno => Err(Error::Os {
-            op: "installing the kick signal handler",
-            source: std::io::Error::from_raw_os_error(errno),
-        }),
-    }
-}
-
-/// Where a kick lands: the vCPU thread and its `kvm_run.immediate_exit` byte.
+/// A vCPU that hands out a [`VcpuHandle`] (its kick, pause and register-read gate).
 pub trait VcpuKick {
-    /// Pointer to the vCPU's `immediate_exit` byte, valid while the vCPU lives.
-    fn immediate_exit_ptr(&mut self) -> *mut u8;
+    /// The vCPU's handle.
+    ///
+    /// # Errors
+    /// Installing the kick signal handler fails.
+    fn handle(&self) -> Result<VcpuHandle, Error>;
 }
 
 impl VcpuKick for KvmVcpu {
-    fn immediate_exit_ptr(&mut self) -> *mut u8 {
-        &mut self.fd_mut().get_kvm_run().immediate_exit
-    }
-}
-
-#[derive(Clone, Copy)]
-struct Target {
-    thread: libc::pthread_t,
-    immediate_exit: *mut u8,
-}
-
-#[derive(Default)]
-struct State {
-    target: Option<Target>,
-    parked: bool,
-}
-
-// SAFETY: `immediate_exit` points into a vCPU's kvm_run mapping and is only dereferenced while
-// the target is attached, i.e. while `run_controlled` holds `&mut` to that vCPU; detaching
-// happens under the same mutex before `run_controlled` returns.
-unsafe impl Send for State {}
-
-#[derive(Default)]
-struct Shared {
-    state: Mutex<State>,
-    cv: Condvar,
-    paused: AtomicBool,
-    shutdown: AtomicBool,
-}
-
-impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Set immediate_exit (optionally) and signal the attached thread.
-    fn kick_locked(st: &State, immediate: bool) {
-        if let Some(t) = st.target {
-            if immediate {
-                // SAFETY: the target is attached (see `unsafe impl Send for State`), so the
-                // pointer is live; KVM reads this byte at KVM_RUN entry, an atomic byte store
-                // is the intended cross-thread protocol (as in QEMU's kvm_cpu_kick).
-                unsafe { AtomicU8::from_ptr(t.immediate_exit).store(1, Ordering::SeqCst) };
-            }
-            // SAFETY: `t.thread` is the live vCPU thread while attached; the kick signal has
-            // a no-op handler installed, so delivery only interrupts a blocking ioctl.
-            unsafe { libc::pthread_kill(t.thread, kick_signal()) };
-        }
-    }
-}
-
-/// A thread-safe handle to a vCPU running under [`run_controlled`].
-#[derive(Clone)]
-pub struct VcpuHandle(Arc<Shared>);
-
-impl VcpuHandle {
-    /// Stop the vCPU at its next exit (kicked out of KVM_RUN at once) until [`resume`](Self::resume).
-    pub fn pause(&self) {
-        let st = self.0.lock();
-        self.0.paused.store(true, Ordering::SeqCst);
-        Shared::kick_locked(&st, true);
-    }
-
-    /// Let a paused vCPU run again.
-    pub fn resume(&self) {
-        let _st = self.0.lock();
-        self.0.paused.store(false, Ordering::SeqCst);
-        self.0.cv.notify_all();
-    }
-
-    /// Wait until the vCPU is parked by a pause (true) or `timeout` passes (false).
-    pub fn wait_paused(&self, timeout: Duration) -> bool {
-        let st = self.0.lock();
-        let (st, _) = self
-            .0
-            .cv
-            .wait_timeout_while(st, timeout, |s| !s.parked)
-            .unwrap_or_else(|e| e.into_inner());
-        st.parked
-    }
-
-    /// Is the vCPU parked?
-    pub fn is_paused(&self) -> bool {
-        self.0.lock().parked
-    }
-
-    /// Make the vCPU leave KVM_RUN now (e.g. after a [`StopHandle`] request or a raised
-    /// interrupt); the run loop then re-checks its inputs.
-    pub fn kick(&self) {
-        Shared::kick_locked(&self.0.lock(), true);
+    fn handle(&self) -> Result<VcpuHandle, Error> {
+        KvmVcpu::handle(self)
     }
 }
 
@@ -212,20 +98,27 @@ impl CapState {
     }
 }
 
-/// Inputs of [`run_controlled`]: pause/kick handle, optional CPU cap, optional interrupt queue.
+/// Inputs of [`run_controlled`]: optional CPU cap, optional interrupt queue. Pause, resume and
+/// kicks go through the vCPU's own [`VcpuHandle`] ([`KvmVcpu::handle`]).
 pub struct RunControl {
-    shared: Arc<Shared>,
+    /// The running vCPU's handle, for the cap's ticker.
+    target: Arc<Mutex<Option<VcpuHandle>>>,
+    shutdown: Arc<AtomicBool>,
     cap: Option<CapState>,
     irqs: Option<InterruptQueue>,
     ticker: Option<JoinHandle<()>>,
 }
 
 impl RunControl {
-    /// No cap, no interrupt queue. Installs the kick signal's no-op handler (process-wide).
+    /// No cap, no interrupt queue.
+    ///
+    /// # Errors
+    /// Installing the kick signal's no-op handler (process-wide) fails.
     pub fn new() -> Result<Self, Error> {
-        install_kick_handler()?;
+        crate::handle::install_kick_handler()?;
         Ok(Self {
-            shared: Arc::default(),
+            target: Arc::default(),
+            shutdown: Arc::default(),
             cap: None,
             irqs: None,
             ticker: None,
@@ -240,12 +133,15 @@ impl RunControl {
             cpu0: Duration::ZERO,
             throttled: Duration::ZERO,
         });
-        let shared = self.shared.clone();
+        let target = self.target.clone();
+        let shutdown = self.shutdown.clone();
         let tick = cap.period / 4;
         self.ticker = Some(std::thread::spawn(move || {
-            while !shared.shutdown.load(Ordering::Acquire) {
+            while !shutdown.load(Ordering::Acquire) {
                 std::thread::park_timeout(tick);
-                Shared::kick_locked(&shared.lock(), false);
+                if let Some(h) = target.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    h.kick();
+                }
             }
         }));
         self
@@ -257,35 +153,15 @@ impl RunControl {
         self
     }
 
-    /// A handle for other threads.
-    pub fn handle(&self) -> VcpuHandle {
-        VcpuHandle(self.shared.clone())
-    }
-
     /// Total time the cap made the vCPU sleep.
     pub fn throttled(&self) -> Duration {
         self.cap.as_ref().map_or(Duration::ZERO, |c| c.throttled)
-    }
-
-    fn park_if_paused(&self, ie: *mut u8) {
-        if !self.shared.paused.load(Ordering::Acquire) {
-            return;
-        }
-        let mut st = self.shared.lock();
-        st.parked = true;
-        self.shared.cv.notify_all();
-        while self.shared.paused.load(Ordering::Acquire) {
-            st = self.shared.cv.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
-        st.parked = false;
-        // SAFETY: `ie` is the attached vCPU's immediate_exit byte (see `Attached`).
-        unsafe { AtomicU8::from_ptr(ie).store(0, Ordering::SeqCst) };
     }
 }
 
 impl Drop for RunControl {
     fn drop(&mut self) {
-        self.shared.shutdown.store(true, Ordering::Release);
+        self.shutdown.store(true, Ordering::Release);
         if let Some(t) = self.ticker.take() {
             t.thread().unpark();
             let _ = t.join();
@@ -293,19 +169,23 @@ impl Drop for RunControl {
     }
 }
 
-/// Registers the calling thread and vCPU as the kick target for the lifetime of the guard.
-struct Attached<'a>(&'a Shared);
+/// Gives the cap's ticker the vCPU's handle for the lifetime of the guard.
+struct Attached<'a>(&'a Mutex<Option<VcpuHandle>>);
 
 impl Drop for Attached<'_> {
     fn drop(&mut self) {
-        self.0.lock().target = None;
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 
-/// Like [`run_until_exit`](crate::run_until_exit), plus: park while paused, enforce the CPU cap,
-/// deliver queued interrupts through interrupt windows, and resume transparently after kicks
+/// Like [`run_until_exit`](crate::run_until_exit), plus: enforce the CPU cap, deliver queued
+/// interrupts through interrupt windows, and resume transparently after kicks
 /// (`Exit::Interrupted`) and interrupt-window exits. Returns on a stop request or any other
-/// non-I/O exit.
+/// non-I/O exit. A paused vCPU parks inside its own `run` (see [`VcpuHandle`]), under this
+/// loop as under any other.
+///
+/// # Errors
+/// The vCPU backend fails, or installing the kick handler does.
 pub fn run_controlled<V, H>(
     vcpu: &mut V,
     io: &H,
@@ -317,29 +197,18 @@ where
     V: VcpuRun + VcpuInterruptWindow + VcpuKick + ?Sized,
     H: IoHandler + ?Sized,
 {
-    let ie = vcpu.immediate_exit_ptr();
-    {
-        let mut st = ctl.shared.lock();
-        st.target = Some(Target {
-            // SAFETY: pthread_self has no preconditions.
-            thread: unsafe { libc::pthread_self() },
-            immediate_exit: ie,
-        });
+    if ctl.cap.is_some() {
+        *ctl.target.lock().unwrap_or_else(|e| e.into_inner()) = Some(vcpu.handle()?);
     }
-    let _attached = Attached(&ctl.shared);
+    let _attached = Attached(&ctl.target);
     if let Some(c) = ctl.cap.as_mut() {
         c.wall0 = Instant::now();
         c.cpu0 = thread_cpu_time();
     }
     loop {
-        // A kick left immediate_exit set; clear it before looking at the inputs, so a pause
-        // that lands after this store is still seen below.
-        // SAFETY: `ie` points into `vcpu`'s kvm_run, borrowed for this whole call.
-        unsafe { AtomicU8::from_ptr(ie).store(0, Ordering::SeqCst) };
         if let Some(status) = stop.requested() {
             return Ok(RunOutcome::Stopped(status));
         }
-        ctl.park_if_paused(ie);
         if let Some(c) = ctl.cap.as_mut() {
             c.throttle();
         }

@@ -58,6 +58,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A machine-check bank count KVM does not support (0, or more than it offers).
+    #[error("{banks} machine-check banks requested, KVM supports 1..={supported}")]
+    MceBanks {
+        /// Requested.
+        banks: u8,
+        /// KVM's maximum (KVM_X86_GET_MCE_CAP_SUPPORTED bits 7:0).
+        supported: u8,
+    },
     /// Too many memory regions for the VM's slots.
     #[error("no free KVM memory slot (limit {0})")]
     NoMemorySlot(usize),

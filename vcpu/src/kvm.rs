@@ -1,6 +1,7 @@
 //! The KVM backend: [`KvmVm`] and [`KvmVcpu`] over kvm-ioctls.
 
 use std::any::Any;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
 use kvm_bindings::{
@@ -12,6 +13,7 @@ use vm_memory::{
     GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress, bitmap::Bitmap,
 };
 
+use crate::handle::{Entry, Gate, VcpuHandle, install_kick_handler};
 use crate::{Error, Exit, VcpuExit, VcpuRegisters, VcpuRun, VcpuSpecialRegisters};
 
 /// Address KVM uses for the real-mode TSS (three pages just below the BIOS area at 4 GiB − 16 MiB
@@ -95,14 +97,37 @@ impl KvmVm {
             .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))
     }
 
-    /// Create vCPU `id` and give it KVM's supported CPUID.
+    /// Create vCPU `id` and give it KVM's supported CPUID as it stands (no per-vCPU
+    /// normalization, KVM's default of 32 machine-check banks). For a chosen CPUID template and
+    /// QEMU's machine-check setup use [`create_vcpu_with`](Self::create_vcpu_with).
+    ///
+    /// # Errors
+    /// KVM_CREATE_VCPU or KVM_SET_CPUID2 fail.
     pub fn create_vcpu(&self, id: u64) -> Result<KvmVcpu, Error> {
-        let fd = self
+        let vcpu = self.create_vcpu_bare(id)?;
+        vcpu.set_cpuid(&self.supported_cpuid()?)?;
+        Ok(vcpu)
+    }
+
+    /// KVM_CREATE_VCPU and the vCPU's handle gate; no CPUID set.
+    pub(crate) fn create_vcpu_bare(&self, id: u64) -> Result<KvmVcpu, Error> {
+        let mut fd = self
             .fd
             .create_vcpu(id)
             .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
-        let vcpu = KvmVcpu { fd, id };
-        vcpu.set_cpuid(&self.supported_cpuid()?)?;
+        // SAFETY: the raw fd belongs to `fd`, open for this whole borrow.
+        let dup = unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }
+            .try_clone_to_owned()
+            .map_err(|source| Error::Os {
+                op: "duplicating the vCPU fd",
+                source,
+            })?;
+        let immediate_exit: *mut u8 = &mut fd.get_kvm_run().immediate_exit;
+        let vcpu = KvmVcpu {
+            fd,
+            id,
+            gate: Arc::new(Gate::new(immediate_exit, Some(dup))),
+        };
         Ok(vcpu)
     }
 }
@@ -111,9 +136,20 @@ impl KvmVm {
 pub struct KvmVcpu {
     fd: VcpuFd,
     id: u64,
+    gate: Arc<Gate>,
 }
 
 impl KvmVcpu {
+    /// The handle other threads kick, pause and read registers through ([`crate::handle`]),
+    /// whatever run loop this vCPU runs under. Installs the kick signal's no-op handler.
+    ///
+    /// # Errors
+    /// [`Error::Os`] when the signal handler cannot be installed.
+    pub fn handle(&self) -> Result<VcpuHandle, Error> {
+        install_kick_handler()?;
+        Ok(VcpuHandle(self.gate.clone()))
+    }
+
     /// The vCPU id it was created with.
     pub fn id(&self) -> u64 {
         self.id
@@ -158,9 +194,17 @@ impl VcpuRun for KvmVcpu {
         // Raw view of the kvm_run page for the exits kvm-ioctls does not decode. It is read only in
         // match arms where no borrow handed out by `run()` is used again.
         let run_page: *const kvm_bindings::kvm_run = self.fd.get_kvm_run();
-        let exit = match self.fd.run() {
+        // Pauses park here, and a kick that came while the vCPU was outside KVM_RUN is
+        // reported now, under any run loop.
+        if let Entry::Kicked = self.gate.enter() {
+            return Ok(VcpuExit::Other(Exit::Interrupted));
+        }
+        let result = self.fd.run();
+        self.gate.leave();
+        let exit = match result {
             Ok(e) => e,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.gate.interrupted();
                 return Ok(VcpuExit::Other(Exit::Interrupted));
             }
             Err(source) => {
@@ -212,7 +256,10 @@ impl VcpuRun for KvmVcpu {
             },
             K::IoapicEoi(vector) => Exit::IoapicEoi { vector },
             K::IrqWindowOpen => Exit::IrqWindowOpen,
-            K::Intr => Exit::Interrupted,
+            K::Intr => {
+                self.gate.interrupted();
+                Exit::Interrupted
+            }
             // SAFETY: `run_page` is this vCPU's kvm_run and the exit is an internal error.
             K::InternalError => unsafe { Self::internal_error(run_page) },
             // SAFETY: `run_page` stays mapped while `self.fd` lives; `exit_reason` is a plain u32

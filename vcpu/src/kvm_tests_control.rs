@@ -22,7 +22,7 @@ fn run(g: &mut TinyGuest, io: &Ports) -> RunOutcome {
 /// Run `g` under [`run_controlled`] with a watchdog that stops it after `after`.
 fn run_with_watchdog(g: &mut TinyGuest, io: &Ports, after: Duration) -> (RunOutcome, ExitStats) {
     let mut ctl = RunControl::new().unwrap();
-    let handle = ctl.handle();
+    let handle = g.vcpu.handle().unwrap();
     let stop = StopHandle::new();
     let stop2 = stop.clone();
     let watchdog = std::thread::spawn(move || {
@@ -176,7 +176,7 @@ fn kvm_paused_vcpu_stops_and_resumes() {
     let vcpu_thread = std::thread::spawn(move || {
         let mut g = counter_guest();
         let mut ctl = RunControl::new().unwrap();
-        tx.send((ctl.handle(), g.mem.clone())).unwrap();
+        tx.send((g.vcpu.handle().unwrap(), g.mem.clone())).unwrap();
         let mut stats = ExitStats::default();
         let out = run_controlled(&mut g.vcpu, &Ports::default(), &stop2, &mut stats, &mut ctl);
         (out.unwrap(), stats)
@@ -221,7 +221,7 @@ fn kvm_capped_vcpu_uses_roughly_its_budget() {
         let mut ctl = RunControl::new()
             .unwrap()
             .with_cap(ExecutionCap::new(FRACTION, Duration::from_millis(20)));
-        tx.send(ctl.handle()).unwrap();
+        tx.send(g.vcpu.handle().unwrap()).unwrap();
         let cpu0 = thread_cpu_time();
         let wall0 = Instant::now();
         let mut stats = ExitStats::default();
@@ -368,4 +368,95 @@ fn kvm_saved_vcpu_continues_in_a_new_vm() {
         future.restore(&mut c.vcpu),
         Err(Error::StateVersion(99))
     ));
+}
+
+/// The vCPU's own handle works under a plain `run_until_exit` loop (no `run_controlled`): a
+/// kick before the run is reported by the next run without entering the guest; another
+/// thread reads a spinning guest's registers (pausing and resuming it); pause parks the vCPU
+/// at its next entry; a stop request plus a kick ends the loop.
+#[test]
+fn kvm_handle_kicks_pauses_and_reads_registers_under_run_until_exit() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stop = StopHandle::new();
+    let stop2 = stop.clone();
+    let vcpu_thread = std::thread::spawn(move || {
+        let mut g = counter_guest();
+        let handle = g.vcpu.handle().unwrap();
+        handle.kick();
+        let first = run(&mut g, &Ports::default());
+        let count0 = g.mem.read_obj::<u64>(GuestAddress(DATA_ADDR)).unwrap();
+        tx.send((handle, g.mem.clone())).unwrap();
+        let mut interrupted = 0;
+        let mut stats = ExitStats::default();
+        loop {
+            match run_until_exit(&mut g.vcpu, &Ports::default(), &stop2, &mut stats).unwrap() {
+                RunOutcome::Stopped(s) => break (first, count0, interrupted, s),
+                RunOutcome::Exit(Exit::Interrupted) => interrupted += 1,
+                RunOutcome::Exit(other) => panic!("unexpected exit {other:?}"),
+            }
+        }
+    });
+    let (handle, mem) = rx.recv().unwrap();
+    let count = || mem.read_obj::<u64>(GuestAddress(DATA_ADDR)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count() < 1000 {
+        assert!(Instant::now() < deadline, "guest never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The guest is `mov rbx, DATA_ADDR; top: inc qword [rbx]; jmp top`.
+    let regs = handle.general_registers(Duration::from_secs(5)).unwrap();
+    assert_eq!(regs.rbx, DATA_ADDR);
+    let code = crate::test_utils::CODE_ADDR;
+    assert!(
+        (code..code + 0x20).contains(&regs.rip),
+        "rip {:#x}",
+        regs.rip
+    );
+    let sregs = handle.sregs(Duration::from_secs(5)).unwrap();
+    assert_eq!(sregs.cs.selector, 0x08);
+    // Resumed after the read: the guest counts on.
+    let after_read = count();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count() <= after_read {
+        assert!(
+            Instant::now() < deadline,
+            "guest not resumed after the register read"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    handle.pause();
+    assert!(
+        handle.wait_paused(Duration::from_secs(5)),
+        "vCPU did not pause"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !handle.is_parked() {
+        assert!(
+            Instant::now() < deadline,
+            "vCPU did not park at its next entry"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let frozen = count();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(count(), frozen, "paused guest kept running");
+    stop.request(5);
+    handle.resume();
+    handle.kick();
+    let (first, count0, interrupted, status) = vcpu_thread.join().unwrap();
+    assert_eq!(first, RunOutcome::Exit(Exit::Interrupted));
+    assert_eq!(
+        count0, 0,
+        "a pending kick is reported before the guest runs"
+    );
+    assert!(
+        interrupted >= 2,
+        "the read and the pause each interrupted a run"
+    );
+    assert_eq!(status, 5);
+    assert!(
+        crate::VcpuHandle::detached()
+            .general_registers(Duration::ZERO)
+            .is_err()
+    );
 }

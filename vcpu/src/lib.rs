@@ -6,7 +6,10 @@
 //!   KVM implementation ([`KvmVm`], [`KvmVcpu`]);
 //! * a typed exit ([`VcpuExit`]: guest I/O as borrowed accesses, everything else as owned
 //!   [`Exit`] data) and per-kind [`ExitStats`];
-//! * plain-data CPU state for 64-bit long mode ([`LongModeState`]) that the backend applies;
+//! * plain-data entry states for every firmware-less boot protocol — real mode
+//!   ([`RealModeState`]), flat 32-bit protected mode for multiboot, PVH and Linux
+//!   ([`ProtectedModeState`]) and 64-bit long mode ([`LongModeState`]) — with the general
+//!   registers as vmkit data ([`GeneralRegisters`]);
 //! * a run loop ([`run_until_exit`]) that dispatches PIO/MMIO to an [`IoHandler`] (the VMM's
 //!   buses) and returns anything else to the caller, or stops when a [`StopHandle`] fires.
 //!
@@ -20,8 +23,11 @@
 //!   the IDT-gate checks (limit, type, DPL ≥ CPL, present) VM entry makes for injected software
 //!   events ([`vmcs::delivery`]);
 //! * [`cpuid`]: CPUID templates (`host`, `minimal`, JSON) normalized per vCPU;
-//! * [`control`]: pause/resume/kick from other threads, per-vCPU CPU-time caps, and
-//!   [`control::run_controlled`];
+//! * [`vcpu_config`]: vCPU creation with a chosen CPUID template and machine-check banks
+//!   ([`KvmVm::create_vcpu_with`], QEMU's 10 banks by default);
+//! * [`handle`]: one [`VcpuHandle`] per vCPU to kick, pause/resume and read registers from
+//!   other threads, under any run loop;
+//! * [`control`]: per-vCPU CPU-time caps, interrupt windows and [`control::run_controlled`];
 //! * [`snapshot`]: versioned vCPU state save/restore.
 //!
 //! The library holds no policy: which ports exist, what to print and when to stop are decided by
@@ -56,9 +62,11 @@ pub mod control;
 pub mod cpuid;
 #[cfg(feature = "emulate")]
 pub mod emulate;
+pub mod entry;
 mod error;
 pub mod events;
 pub mod exit;
+pub mod handle;
 pub mod kvm;
 pub mod kvm_ext;
 pub mod kvm_map;
@@ -68,10 +76,13 @@ pub mod state;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 mod traits;
+pub mod vcpu_config;
 pub mod vmcs;
 
+pub use entry::{GeneralRegisters, ProtectedModeState, RealModeState};
 pub use error::Error;
 pub use exit::{Exit, ExitKind, ExitStats, VcpuExit};
+pub use handle::VcpuHandle;
 pub use kvm::{KvmVcpu, KvmVm};
 pub use run_loop::{IoHandler, RunOutcome, StopHandle, dispatch_io, run_until_exit};
 pub use state::{LongModeState, Segment};
@@ -79,6 +90,7 @@ pub use traits::{
     VcpuEvents, VcpuExtendedState, VcpuGuestState, VcpuInterruptWindow, VcpuMsrs, VcpuRegisters,
     VcpuRun, VcpuSpecialRegisters,
 };
+pub use vcpu_config::VcpuConfig;
 pub use vmcs::Vmcs;
 
 #[cfg(test)]
@@ -87,6 +99,8 @@ mod kvm_tests;
 mod kvm_tests_control;
 #[cfg(test)]
 mod kvm_tests_delivery;
+#[cfg(test)]
+mod kvm_tests_entry;
 #[cfg(test)]
 mod kvm_tests_vmcs;
 #[cfg(test)]

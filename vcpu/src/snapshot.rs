@@ -16,10 +16,9 @@
 use kvm_bindings::{kvm_lapic_state, kvm_msr_entry, kvm_vcpu_events};
 use serde::{Deserialize, Serialize};
 
-use crate::control::VcpuKick;
 use crate::kvm_ext::read_guest_state;
 use crate::vmcs::Vmcs;
-use crate::{Error, KvmVcpu, VcpuGuestState, VcpuRun};
+use crate::{Error, KvmVcpu, VcpuGuestState};
 
 /// Current [`VcpuState::version`].
 pub const VCPU_STATE_VERSION: u32 = 1;
@@ -92,11 +91,17 @@ impl VcpuState {
 /// `immediate_exit` set completes the instruction (e.g. advances RIP past an `out`) and returns
 /// EINTR.
 pub fn complete_pending_io(vcpu: &mut KvmVcpu) -> Result<(), Error> {
-    let ie = vcpu.immediate_exit_ptr();
-    // SAFETY: `ie` points into this vCPU's kvm_run, live while `vcpu` is borrowed.
-    unsafe { *ie = 1 };
-    let r = vcpu.run().map(|_| ());
-    // SAFETY: as above.
-    unsafe { *ie = 0 };
+    // Straight on the fd: the vCPU's handle gate would clear `immediate_exit` at entry.
+    let fd = vcpu.fd_mut();
+    fd.set_kvm_immediate_exit(1);
+    let r = match fd.run() {
+        Ok(_) => Ok(()),
+        Err(e) if e.errno() == libc::EINTR => Ok(()),
+        Err(source) => Err(Error::Kvm {
+            op: "KVM_RUN",
+            source,
+        }),
+    };
+    fd.set_kvm_immediate_exit(0);
     r
 }

@@ -1,4 +1,5 @@
-//! Plain-data CPU state for entering 64-bit long mode directly (no firmware, no mode switches).
+//! Plain-data CPU state for entering 64-bit long mode directly (no firmware, no mode switches);
+//! the real-mode and 32-bit entry states are in [`entry`](crate::entry).
 //!
 //! [`LongModeState`] holds what the guest needs at its first instruction: a GDT, flat 64-bit code
 //! and data segments, a TSS, CR0/CR3/CR4/EFER, RFLAGS, RIP and RSP. It is serialisable data; a
@@ -14,10 +15,11 @@
 //! assert_eq!(s.gdt_entries()[1], 0x00af_9b00_0000_ffff);
 //! ```
 
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use kvm_bindings::{kvm_segment, kvm_sregs};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
+use crate::entry::GeneralRegisters;
 use crate::{Error, VcpuRegisters, VcpuSpecialRegisters};
 
 /// CR0.PE — protection enable.
@@ -146,6 +148,10 @@ pub struct LongModeState {
     pub rip: u64,
     /// Initial stack pointer.
     pub rsp: u64,
+    /// The other general registers: the boot protocol's arguments (RSI = `boot_params` for
+    /// Linux). Their `rip`, `rsp` and `rflags` are ignored: the fields above are applied.
+    #[serde(default)]
+    pub args: GeneralRegisters,
 }
 
 impl LongModeState {
@@ -198,6 +204,27 @@ impl LongModeState {
             rflags: RFLAGS_RESERVED_1,
             rip,
             rsp,
+            args: GeneralRegisters::default(),
+        }
+    }
+
+    /// The Linux 64-bit boot protocol (Documentation/arch/x86/boot.rst, "64-bit boot
+    /// protocol"): [`flat_64`](Self::flat_64) with RSI = the physical address of `boot_params`
+    /// (CS 0x08 and DS/ES/SS 0x10 are not `__BOOT_CS`/`__BOOT_DS`, which the 64-bit protocol
+    /// does not require: it only asks for flat 4 GiB segments with a valid GDT).
+    pub fn linux_64(cr3: u64, rip: u64, rsp: u64, boot_params: u64) -> Self {
+        let mut s = Self::flat_64(cr3, rip, rsp);
+        s.args.rsi = boot_params;
+        s
+    }
+
+    /// The general registers [`apply`](Self::apply) writes: `args` with RIP, RSP, RFLAGS.
+    pub fn general_registers(&self) -> GeneralRegisters {
+        GeneralRegisters {
+            rip: self.rip,
+            rsp: self.rsp,
+            rflags: self.rflags,
+            ..self.args
         }
     }
 
@@ -245,7 +272,11 @@ impl LongModeState {
         sregs.efer = self.efer;
     }
 
-    /// Apply to a vCPU: special registers, then RIP/RSP/RFLAGS (other GPRs zeroed).
+    /// Apply to a vCPU: special registers, then every general register
+    /// ([`general_registers`](Self::general_registers)).
+    ///
+    /// # Errors
+    /// The backend's register accessors fail.
     pub fn apply<V>(&self, vcpu: &mut V) -> Result<(), Error>
     where
         V: VcpuRegisters + VcpuSpecialRegisters + ?Sized,
@@ -253,13 +284,7 @@ impl LongModeState {
         let mut sregs = vcpu.sregs()?;
         self.fill_sregs(&mut sregs);
         vcpu.set_sregs(&sregs)?;
-        let regs = kvm_regs {
-            rip: self.rip,
-            rsp: self.rsp,
-            rflags: self.rflags,
-            ..Default::default()
-        };
-        vcpu.set_regs(&regs)
+        vcpu.set_general_registers(&self.general_registers())
     }
 }
 

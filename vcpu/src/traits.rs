@@ -3,6 +3,7 @@ use kvm_bindings::{
     kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 
+use crate::entry::GeneralRegisters;
 use crate::{Error, VcpuExit};
 
 /// Runs the vCPU until the next exit.
@@ -18,6 +19,22 @@ pub trait VcpuRegisters {
     fn regs(&self) -> Result<kvm_regs, Error>;
     /// Write the registers.
     fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), Error>;
+
+    /// Read the registers as vmkit data.
+    ///
+    /// # Errors
+    /// As [`regs`](Self::regs).
+    fn general_registers(&self) -> Result<GeneralRegisters, Error> {
+        self.regs().map(|r| GeneralRegisters::from_kvm(&r))
+    }
+
+    /// Write the registers from vmkit data (no kvm-bindings type needed by the caller).
+    ///
+    /// # Errors
+    /// As [`set_regs`](Self::set_regs).
+    fn set_general_registers(&mut self, regs: &GeneralRegisters) -> Result<(), Error> {
+        self.set_regs(&regs.to_kvm())
+    }
 }
 
 /// Segment, control and descriptor-table registers plus EFER, in `kvm_sregs` layout.

@@ -178,7 +178,10 @@ fn report(console: &Mutex<Console>, stats: &EmulationStats, exits: Option<&ExitS
         println!("milestone {:>8.1} s  {name}", at.as_secs_f64());
     }
     println!("emulated instructions: {:?}", stats.emulated);
-    println!("exceptions raised by emulated instructions: {:?}", stats.exceptions);
+    println!(
+        "exceptions raised by emulated instructions: {:?}",
+        stats.exceptions
+    );
     if let Some(e) = exits {
         println!("{e}");
     }
@@ -251,9 +254,12 @@ fn run(args: Args) -> Result<u8, Box<dyn std::error::Error>> {
         start,
         state: console.clone(),
     };
-    buses
-        .pio
-        .insert(COM1 as u64, 8, "com1", Arc::new(Serial::new(Arc::new(NoInterrupt), writer)))?;
+    buses.pio.insert(
+        COM1 as u64,
+        8,
+        "com1",
+        Arc::new(Serial::new(Arc::new(NoInterrupt), writer)),
+    )?;
 
     // 5. A watchdog reports and ends the process when the time is up (the vCPU may be inside
     //    a long KVM_RUN); the run loop emulates what KVM gives up on.

@@ -45,6 +45,7 @@ pub(crate) fn check_seed_files(target: &str, seeds: Vec<(String, Vec<u8>)>) {
 pub mod block;
 pub mod emulate;
 pub mod qcow2_chain;
+pub mod fw_cfg;
 
 pub mod ioapic;
 pub mod paging;

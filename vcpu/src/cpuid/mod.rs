@@ -179,20 +179,31 @@ fn reg(e: &mut kvm_cpuid_entry2, r: Register) -> &mut u32 {
 
 impl CpuidTemplate {
     /// The built-in templates: `host` and `minimal`.
+    ///
+    /// # Errors
+    /// [`CpuidError::UnknownTemplate`] for any other name.
     pub fn named(name: &str) -> Result<Self, CpuidError> {
-        let base = match name {
-            "host" => CpuidBase::Host,
-            "minimal" => CpuidBase::Minimal,
-            other => return Err(CpuidError::UnknownTemplate(other.to_string())),
-        };
-        Ok(Self {
-            name: name.to_string(),
-            base,
+        match name {
+            "host" => Ok(Self::host()),
+            "minimal" => Ok(Self {
+                name: name.to_string(),
+                base: CpuidBase::Minimal,
+                ..Self::host()
+            }),
+            other => Err(CpuidError::UnknownTemplate(other.to_string())),
+        }
+    }
+
+    /// The `host` template: everything KVM supports, normalized per vCPU.
+    pub fn host() -> Self {
+        Self {
+            name: "host".to_string(),
+            base: CpuidBase::Host,
             hide: Vec::new(),
             remove_leaves: Vec::new(),
             overrides: Vec::new(),
             hypervisor_signature: default_signature(),
-        })
+        }
     }
 
     /// Parse a user template from JSON.
