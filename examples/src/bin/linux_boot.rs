@@ -40,10 +40,8 @@ use linux_loader::loader::{KernelLoader, elf::Elf};
 use vm_memory::{Bytes, GuestAddress};
 use vmkit_devices::{IoBuses, interrupt::NoInterrupt, serial::Serial};
 use vmkit_memory::{GuestLayout, PageSize, PageTableBuilder, paging::flags};
-use vmkit_vcpu::emulate::{EmulationStats, Emulator, kvm::emulate_exit};
-use vmkit_vcpu::{
-    Exit, ExitStats, KvmVm, LongModeState, RunOutcome, StopHandle, VcpuRegisters, run_until_exit,
-};
+use vmkit_vcpu::emulate::{EmulationStats, Emulator, EventKind, Outcome, kvm::emulate_exit};
+use vmkit_vcpu::{Exit, ExitStats, KvmVm, LongModeState, RunOutcome, StopHandle, run_until_exit};
 
 /// Policy of this VMM: where things live.
 const PAGE_TABLES: u64 = 0x9000; // 0x9000..0x10000
@@ -233,12 +231,9 @@ fn run(args: Args) -> Result<u8, Box<dyn std::error::Error>> {
         .map_err(|e| format!("KVM_CREATE_PIT2: {e}"))?;
     vm.register_memory(&mem)?;
     let mut vcpu = vm.create_vcpu(0)?;
-    let cpu = LongModeState::flat_64(tables.cr3(), loaded.kernel_load.0, STACK_TOP);
+    let cpu = LongModeState::linux_64(tables.cr3(), loaded.kernel_load.0, STACK_TOP, ZERO_PAGE);
     cpu.write_gdt(&mem)?;
     cpu.apply(&mut vcpu)?;
-    let mut regs = vcpu.regs()?;
-    regs.rsi = ZERO_PAGE;
-    vcpu.set_regs(&regs)?;
     println!(
         "vmm: {} at {:#x}, {} MiB, cmdline \"{}\"",
         args.kernel.display(),
@@ -284,7 +279,16 @@ fn run(args: Args) -> Result<u8, Box<dyn std::error::Error>> {
     let (code, why) = loop {
         match run_until_exit(&mut vcpu, &buses, &stop, &mut exits)? {
             RunOutcome::Exit(e @ Exit::InternalError { .. }) => {
+                let bytes = e.instruction_bytes().unwrap_or_default();
                 let r = emulate_exit(&mut vcpu, &mem, &mut emu, &e);
+                if let Ok(Outcome::Exception(x)) = &r
+                    && x.kind == EventKind::Fault
+                {
+                    println!(
+                        "vmm: an emulated instruction {bytes:02x?} raised vector {}",
+                        x.vector
+                    );
+                }
                 *stats.lock().unwrap_or_else(|e| e.into_inner()) = emu.stats().clone();
                 if let Err(err) = r {
                     let cause = std::error::Error::source(&err)

@@ -333,6 +333,21 @@ fn execute<M: GuestMemory + ?Sized>(
                 }
             }
         }
+        Mn::Wait => {
+            // FWAIT (SDM vol. 2): #NM when CR0.MP and CR0.TS are set; #MF when an unmasked x87
+            // exception is pending (FSW.ES, byte 2 bit 7 of the XSAVE area) and CR0.NE is set;
+            // otherwise nothing.
+            const CR0_MP: u64 = 1 << 1;
+            const CR0_TS: u64 = 1 << 3;
+            const CR0_NE: u64 = 1 << 5;
+            if cpu.cr0 & (CR0_MP | CR0_TS) == CR0_MP | CR0_TS {
+                return Err(exception(Exception::fault(super::NM)));
+            }
+            let es = cpu.xsave.get(2).is_some_and(|fsw| fsw & 0x80 != 0);
+            if es && cpu.cr0 & CR0_NE != 0 {
+                return Err(exception(Exception::fault(super::MF)));
+            }
+        }
         _ => return Err(refuse()),
     }
     Ok(mnemonic_name(m))
@@ -436,6 +451,7 @@ fn mnemonic_name(m: Mnemonic) -> &'static str {
         Mn::Xsave | Mn::Xsave64 => "xsave",
         Mn::Xsaveopt | Mn::Xsaveopt64 => "xsaveopt",
         Mn::Xrstor | Mn::Xrstor64 => "xrstor",
+        Mn::Wait => "fwait",
         _ => "other",
     }
 }

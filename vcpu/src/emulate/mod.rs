@@ -16,7 +16,8 @@
 //! BMI2 `shlx`, `shrx`, `sarx`, `rorx`, `pdep`, `pext`, `mulx`; `cmpxchg8b`/`cmpxchg16b`
 //! (atomic against other vCPUs: a host atomic on the guest page); `clac`, `stac`; `int3`,
 //! `into`, `int n`, `int1`; `rdtscp`, `rdpid`; `xgetbv`, `xsetbv`, `xsave`, `xsaveopt`,
-//! `xrstor` (standard format) against the vCPU's XSAVE area.
+//! `xrstor` (standard format) against the vCPU's XSAVE area; `fwait` (#NM / #MF as the SDM
+//! says, else nothing).
 //!
 //! The emulator is pure with respect to the hypervisor: [`CpuState`] is plain data the caller
 //! fills from the vCPU and writes back ([`kvm`] does both for a [`KvmVcpu`](crate::KvmVcpu)).
@@ -136,6 +137,10 @@ pub const BP: u8 = 3;
 pub const OF_VECTOR: u8 = 4;
 /// #DB.
 pub const DB: u8 = 1;
+/// #NM (device not available).
+pub const NM: u8 = 7;
+/// #MF (x87 floating-point error).
+pub const MF: u8 = 16;
 
 impl Exception {
     /// A fault with no error code.

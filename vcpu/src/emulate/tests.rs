@@ -432,6 +432,20 @@ fn system_instructions_and_software_events() {
     cpu.cr4 &= !CR4_OSXSAVE;
     let (r, _) = run(&mem, &mut cpu, |a| a.xgetbv());
     assert_eq!(r.unwrap(), Outcome::Exception(Exception::ud()));
+
+    // FWAIT: nothing; #NM with CR0.MP and TS; #MF with a pending unmasked x87 error and NE.
+    let (mem, mut cpu) = machine();
+    cpu.xsave = vec![0u8; 4096];
+    let (r, _) = run(&mem, &mut cpu, |a| a.wait());
+    assert_eq!(emulated(r), "fwait");
+    cpu.cr0 |= 0b1010;
+    let (r, _) = run(&mem, &mut cpu, |a| a.wait());
+    assert_eq!(r.unwrap(), Outcome::Exception(Exception::fault(NM)));
+    cpu.cr0 &= !0b1000;
+    cpu.cr0 |= 1 << 5;
+    cpu.xsave[2] = 0x80;
+    let (r, _) = run(&mem, &mut cpu, |a| a.wait());
+    assert_eq!(r.unwrap(), Outcome::Exception(Exception::fault(MF)));
 }
 
 #[test]
