@@ -125,7 +125,7 @@ impl Rig {
     }
 
     /// Time one batch of `BATCH` requests (driver-side placement is not timed).
-    fn batch(&mut self, v: Variant, write: bool) -> Duration {
+    fn batch(&mut self, v: Variant, write: bool, depth: usize) -> Duration {
         if matches!(v, Variant::Limit | Variant::DiskLimit) {
             // The buffers the device variants' requests use, allocated in the same order.
             self.h.reset_buffers();
@@ -150,10 +150,24 @@ impl Rig {
             }
             return t.elapsed();
         }
+        let mut total = Duration::ZERO;
         self.h.reset_buffers();
+        let mut done = 0;
+        while done < BATCH {
+            // `depth` requests in flight: the driver places them, the device takes them in one
+            // pass and completes them all before the driver places the next ones.
+            let n = depth.clamp(1, BATCH - done);
+            total += self.round(v, write, n);
+            done += n;
+        }
+        total
+    }
+
+    /// Place `n` requests, then time the device serving them.
+    fn round(&mut self, v: Variant, write: bool, n: usize) -> Duration {
         self.placed.clear();
         let data = [0xa5u8; BLOCK];
-        for _ in 0..BATCH {
+        for _ in 0..n {
             let sector = self.next_offset() / 512;
             let p = if write {
                 self.h.add_request(VIRTIO_BLK_T_OUT, sector, &data, false)
@@ -166,7 +180,7 @@ impl Rig {
         if v == Variant::Minimal {
             self.minimal_device(write);
             let d = t.elapsed();
-            assert_eq!(self.h.used().len(), BATCH);
+            assert_eq!(self.h.used().len(), n);
             return d;
         }
         if v == Variant::QueueFloor {
@@ -180,18 +194,19 @@ impl Rig {
                     .unwrap();
             }
             let d = t.elapsed();
-            assert_eq!(self.h.used().len(), BATCH);
+            assert_eq!(self.h.used().len(), n);
             return d;
         }
         self.worker
             .process(&mut self.h.queue, &self.h.mem, &self.shared)
             .unwrap();
-        self.worker
-            .drain(&mut self.h.queue, &self.h.mem, &self.shared)
-            .unwrap();
+        if self.worker.in_flight() > 0 {
+            self.worker
+                .drain(&mut self.h.queue, &self.h.mem, &self.shared)
+                .unwrap();
+        }
         let d = t.elapsed();
-        let used = self.h.used();
-        assert_eq!(used.len(), BATCH);
+        assert_eq!(self.h.used().len(), n);
         d
     }
 }
@@ -254,30 +269,52 @@ const VARIANTS: [(Variant, &str); 9] = [
     (Variant::DiskRawUring, "disk_fs_device_raw_io_uring"),
 ];
 
+/// Requests in flight per round ([`Rig::batch`]); the full variant list runs at
+/// [`BATCH`], the engine comparison at every depth.
+const DEPTHS: [usize; 3] = [1, 8, BATCH];
+
+/// The variants measured at every depth: the limit, sync and io_uring, on tmpfs and on the
+/// disk filesystem.
+fn at_depth(v: Variant) -> bool {
+    use Variant::*;
+    matches!(
+        v,
+        Limit | RawSync | RawUring | DiskLimit | DiskRawSync | DiskRawUring
+    )
+}
+
 fn bench(c: &mut Criterion) {
     for (write, name) in [(false, "4k_random_read"), (true, "4k_random_write")] {
         let mut g = c.benchmark_group(name);
         g.throughput(criterion::Throughput::Elements(BATCH as u64));
-        for (v, label) in VARIANTS {
-            // Built on first use, so a filtered-out variant costs nothing.
-            let mut rig: Option<Rig> = None;
-            g.bench_function(label, |b| {
-                let rig = rig.get_or_insert_with(|| Rig::new(v));
-                b.iter_custom(|iters| (0..iters).map(|_| rig.batch(v, write)).sum())
-            });
+        for depth in DEPTHS {
+            for (v, label) in VARIANTS {
+                if depth != BATCH && !at_depth(v) {
+                    continue;
+                }
+                // Built on first use, so a filtered-out variant costs nothing.
+                let mut rig: Option<Rig> = None;
+                g.bench_function(format!("{label}/qd{depth}"), |b| {
+                    let rig = rig.get_or_insert_with(|| Rig::new(v));
+                    b.iter_custom(|iters| (0..iters).map(|_| rig.batch(v, write, depth)).sum())
+                });
+            }
         }
         g.finish();
     }
 }
 
-/// Requests per second of each of `variants`, measured interleaved (one batch of each in turn,
-/// so a noisy neighbour hits all alike) and taken as the median batch time.
-fn rates(variants: &[Variant], write: bool) -> Vec<f64> {
+/// Median, minimum and maximum of `rounds` interleaved runs of `rates`.
+type Spread = (f64, f64, f64);
+
+/// Requests per second of each of `variants` at `depth`, measured interleaved (one batch of
+/// each in turn, so a noisy neighbour hits all alike) and taken as the median batch time.
+fn rates(variants: &[Variant], write: bool, depth: usize) -> Vec<f64> {
     let mut rigs: Vec<Rig> = variants.iter().map(|v| Rig::new(*v)).collect();
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); variants.len()];
     for _ in 0..600 {
         for (i, v) in variants.iter().enumerate() {
-            times[i].push(rigs[i].batch(*v, write));
+            times[i].push(rigs[i].batch(*v, write, depth));
         }
     }
     times
@@ -289,6 +326,36 @@ fn rates(variants: &[Variant], write: bool) -> Vec<f64> {
         .collect()
 }
 
+/// io_uring against sync at each depth, `ROUNDS` interleaved groups of 600 batches each:
+/// median (min–max) of the per-group ratios.
+fn engine_ratios(on_disk: bool, write: bool) -> Vec<(usize, Spread, Spread)> {
+    const ROUNDS: usize = 5;
+    use Variant::*;
+    let vs = if on_disk {
+        [DiskLimit, DiskRawSync, DiskRawUring]
+    } else {
+        [Limit, RawSync, RawUring]
+    };
+    DEPTHS
+        .iter()
+        .map(|&depth| {
+            let mut sync_limit = Vec::new();
+            let mut uring_sync = Vec::new();
+            for _ in 0..ROUNDS {
+                let r = rates(&vs, write, depth);
+                sync_limit.push(r[1] / r[0]);
+                uring_sync.push(r[2] / r[1]);
+            }
+            (depth, spread(&mut sync_limit), spread(&mut uring_sync))
+        })
+        .collect()
+}
+
+fn spread(v: &mut [f64]) -> Spread {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
 fn ratios() {
     use Variant::*;
     for (write, name) in [(false, "read"), (true, "write")] {
@@ -297,11 +364,12 @@ fn ratios() {
         let r = rates(
             &[Limit, RawSync, RawUring, Qcow2Sync, QueueFloor, Minimal],
             write,
+            BATCH,
         );
         let per_req = |rate: f64| 1e9 / rate;
         let (limit_ns, floor_ns) = (per_req(r[0]), per_req(r[4]));
         println!(
-            "4k random {name}: limit {:.0} req/s ({limit_ns:.0} ns) | raw sync {:.0} ({:.2}x limit) | raw io_uring {:.0} ({:.2}x limit) | qcow2 sync {:.0} ({:.2}x raw sync) | virtio-queue floor {floor_ns:.0} ns/req: best possible {:.2}x limit | minimal {:.2}x",
+            "4k random {name} (qd{BATCH}): limit {:.0} req/s ({limit_ns:.0} ns) | raw sync {:.0} ({:.2}x limit) | raw io_uring {:.0} ({:.2}x limit) | qcow2 sync {:.0} ({:.2}x raw sync) | virtio-queue floor {floor_ns:.0} ns/req: best possible {:.2}x limit | minimal {:.2}x",
             r[0],
             r[1],
             r[1] / r[0],
@@ -313,14 +381,20 @@ fn ratios() {
             r[5] / r[0],
         );
     }
-    for (write, name) in [(false, "read"), (true, "write")] {
-        let d = rates(&[DiskLimit, DiskRawSync, DiskRawUring], write);
-        println!(
-            "4k random {name}, page-cached file on the disk filesystem: limit {:.0} ns | raw sync {:.2}x limit | raw io_uring {:.2}x limit",
-            1e9 / d[0],
-            d[1] / d[0],
-            d[2] / d[0],
-        );
+    for on_disk in [false, true] {
+        for (write, name) in [(false, "read"), (true, "write")] {
+            let fs = if on_disk {
+                "page-cached file on the disk filesystem"
+            } else {
+                "tmpfs"
+            };
+            for (depth, s, u) in engine_ratios(on_disk, write) {
+                println!(
+                    "4k random {name}, {fs}, qd{depth}: raw sync {:.2}x limit ({:.2}-{:.2}) | raw io_uring {:.2}x raw sync ({:.2}-{:.2})",
+                    s.0, s.1, s.2, u.0, u.1, u.2,
+                );
+            }
+        }
     }
     for tmpfs in [true, false] {
         let dir = TempImages::new(tmpfs).unwrap();
@@ -338,5 +412,8 @@ criterion_group!(benches, bench);
 fn main() {
     benches();
     Criterion::default().configure_from_args().final_summary();
-    ratios();
+    // `--profile-time` runs one variant under a profiler: the ratios would only add noise.
+    if !std::env::args().any(|a| a == "--profile-time") {
+        ratios();
+    }
 }
