@@ -86,6 +86,8 @@ pub fn completes_reads_inline(fd: RawFd) -> bool {
 pub struct UringEngine {
     ring: IoUring,
     fd: RawFd,
+    /// `fd` is registered with the ring as file 0.
+    fixed: bool,
     slots: Vec<Option<InFlight>>,
     /// Each slot's iovec array: kept, unmoved on the heap, while the kernel may read it, and
     /// reused by the slot's next operation.
@@ -121,9 +123,14 @@ impl UringEngine {
         ring.submitter()
             .register_eventfd(eventfd.as_raw_fd())
             .map_err(UringError::Ring)?;
+        // A registered file spares the kernel looking up and reference-counting the descriptor
+        // on every operation (IOSQE_FIXED_FILE, io_uring_register(2)); a kernel or limit that
+        // refuses it leaves the plain descriptor.
+        let fixed = ring.submitter().register_files(&[fd]).is_ok();
         Ok(Self {
             ring,
             fd,
+            fixed,
             slots: (0..depth).map(|_| None).collect(),
             iovs: (0..depth).map(|_| Vec::new()).collect(),
             free: (0..depth as usize).rev().collect(),
@@ -185,44 +192,60 @@ impl UringEngine {
                     self.free.push(slot);
                     return Err(e);
                 }
-                let fd = types::Fd(self.fd);
                 let offset = sector << SECTOR_SHIFT;
                 let kind = if read { OpKind::Read } else { OpKind::Write };
-                let e = match (iov.as_slice(), read) {
-                    // One buffer (the common case): plain READ/WRITE, no iovec to import.
-                    ([one], true) => {
-                        let len = u32::try_from(one.iov_len).unwrap_or(u32::MAX);
-                        opcode::Read::new(fd, one.iov_base.cast(), len)
-                            .offset(offset)
-                            .build()
-                    }
-                    ([one], false) => {
-                        let len = u32::try_from(one.iov_len).unwrap_or(u32::MAX);
-                        opcode::Write::new(fd, one.iov_base.cast(), len)
-                            .offset(offset)
-                            .build()
-                    }
-                    (many, true) => {
-                        let n = u32::try_from(many.len()).unwrap_or(u32::MAX);
-                        opcode::Readv::new(fd, many.as_ptr(), n)
-                            .offset(offset)
-                            .build()
-                    }
-                    (many, false) => {
-                        let n = u32::try_from(many.len()).unwrap_or(u32::MAX);
-                        opcode::Writev::new(fd, many.as_ptr(), n)
-                            .offset(offset)
-                            .build()
-                    }
+                // The same entry for a registered file (index 0) or a plain descriptor: the
+                // opcode builders take either target type, so the match is written once.
+                macro_rules! rw {
+                    ($fd:expr) => {
+                        match (iov.as_slice(), read) {
+                            // One buffer (the common case): plain READ/WRITE, no iovec import.
+                            ([one], true) => {
+                                let len = u32::try_from(one.iov_len).unwrap_or(u32::MAX);
+                                opcode::Read::new($fd, one.iov_base.cast(), len)
+                                    .offset(offset)
+                                    .build()
+                            }
+                            ([one], false) => {
+                                let len = u32::try_from(one.iov_len).unwrap_or(u32::MAX);
+                                opcode::Write::new($fd, one.iov_base.cast(), len)
+                                    .offset(offset)
+                                    .build()
+                            }
+                            (many, true) => {
+                                let n = u32::try_from(many.len()).unwrap_or(u32::MAX);
+                                opcode::Readv::new($fd, many.as_ptr(), n)
+                                    .offset(offset)
+                                    .build()
+                            }
+                            (many, false) => {
+                                let n = u32::try_from(many.len()).unwrap_or(u32::MAX);
+                                opcode::Writev::new($fd, many.as_ptr(), n)
+                                    .offset(offset)
+                                    .build()
+                            }
+                        }
+                    };
+                }
+                let e = if self.fixed {
+                    rw!(types::Fixed(0))
+                } else {
+                    rw!(types::Fd(self.fd))
                 };
                 (kind, e, req.data_len())
             }
             RequestKind::Flush => {
-                let e = opcode::Fsync::new(types::Fd(self.fd))
-                    .flags(types::FsyncFlags::DATASYNC)
-                    .build()
-                    // Ordered after every earlier submission, so it covers their writes.
-                    .flags(squeue::Flags::IO_DRAIN);
+                let fsync = if self.fixed {
+                    opcode::Fsync::new(types::Fixed(0))
+                        .flags(types::FsyncFlags::DATASYNC)
+                        .build()
+                } else {
+                    opcode::Fsync::new(types::Fd(self.fd))
+                        .flags(types::FsyncFlags::DATASYNC)
+                        .build()
+                };
+                // Ordered after every earlier submission, so it covers their writes.
+                let e = fsync.flags(squeue::Flags::IO_DRAIN);
                 (OpKind::Flush, e, 0)
             }
             _ => {
@@ -253,8 +276,8 @@ impl UringEngine {
 
     /// Hand queued entries to the kernel, with the completion eventfd muted for the call.
     ///
-    /// Reads of page-cached data (on files that support `RWF_NOWAIT`) and most writes complete
-    /// inside `io_uring_enter`, and the caller reaps them right after: signalling the eventfd
+    /// Reads of page-cached data on files that support `RWF_NOWAIT` complete inside
+    /// `io_uring_enter`, and the caller reaps them right after: signalling the eventfd
     /// for them would cost an `eventfd` read (a system call) to clear it, or a spurious wake-up
     /// of the VMM's event loop — at queue depth 1 that doubled the system calls per request.
     /// So the eventfd is muted (`IORING_CQ_EVENTFD_DISABLED`, io_uring_register(2)) around
