@@ -98,6 +98,13 @@ pub struct UringEngine {
     /// A [`UringEngine::submit`] ran with the eventfd muted since the last reap: a completion
     /// posted concurrently may not have signalled it.
     muted: bool,
+    /// Mute the next submission: the first reap after the last submission found nothing left
+    /// in flight (this file's operations complete inline). When they do not (`O_DIRECT`,
+    /// io-wq), the eventfd must wake the event loop anyway, and muting would only add a
+    /// re-signal per pass.
+    mute_next: bool,
+    /// A submission happened since the last reap.
+    submitted: bool,
 }
 
 impl std::fmt::Debug for UringEngine {
@@ -137,6 +144,8 @@ impl UringEngine {
             unsubmitted: 0,
             eventfd,
             muted: false,
+            mute_next: true,
+            submitted: false,
         })
     }
 
@@ -274,7 +283,8 @@ impl UringEngine {
         Ok(())
     }
 
-    /// Hand queued entries to the kernel, with the completion eventfd muted for the call.
+    /// Hand queued entries to the kernel, with the completion eventfd muted for the call while
+    /// operations keep completing inline.
     ///
     /// Reads of page-cached data on files that support `RWF_NOWAIT` complete inside
     /// `io_uring_enter`, and the caller reaps them right after: signalling the eventfd
@@ -283,9 +293,19 @@ impl UringEngine {
     /// So the eventfd is muted (`IORING_CQ_EVENTFD_DISABLED`, io_uring_register(2)) around
     /// the submission. A completion from elsewhere (an io-wq worker, a device interrupt) that
     /// races with unmuting could go unsignalled, so the next [`UringEngine::reap`] signals the
-    /// eventfd itself when operations are still in flight.
+    /// eventfd itself when operations are still in flight. When the first reap after a
+    /// submission finds operations left (the file completes asynchronously: `O_DIRECT`,
+    /// io-wq), the next submissions are not muted, until such a reap finds everything done
+    /// again: there the eventfd has to wake the event loop anyway, and muting would add a
+    /// re-signal (three system calls) to every pass.
     pub fn submit(&mut self) -> Result<(), UringError> {
         if self.unsubmitted == 0 {
+            return Ok(());
+        }
+        self.submitted = true;
+        if !self.mute_next {
+            self.ring.submit().map_err(UringError::Ring)?;
+            self.unsubmitted = 0;
             return Ok(());
         }
         self.ring.completion().disable_eventfd();
@@ -340,7 +360,11 @@ impl UringEngine {
             });
         }
         drop(cq);
-        if std::mem::take(&mut self.muted) && self.in_flight() > 0 {
+        let left = self.in_flight() > 0;
+        if std::mem::take(&mut self.submitted) {
+            self.mute_next = !left;
+        }
+        if std::mem::take(&mut self.muted) && left {
             // A completion racing with the unmuting in `submit` may have found the eventfd
             // muted and our tail load may not have seen it yet: wake the VMM once to look again.
             let _ = self.eventfd.write(1);
