@@ -332,6 +332,7 @@ impl QueueWorker {
     ) -> Result<Pass, WorkerError> {
         let mut pass = Pass::default();
         if let Some(uring) = self.uring.as_mut() {
+            uring.acknowledge();
             pass.completed = reap_counted(uring, &mut self.done, queue, mem, &shared.metrics)?;
         }
         if pass.completed > 0 {
