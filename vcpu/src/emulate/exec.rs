@@ -315,22 +315,53 @@ fn execute<M: GuestMemory + ?Sized>(
         | Mn::Xsave64
         | Mn::Xsaveopt
         | Mn::Xsaveopt64
+        | Mn::Xsavec
+        | Mn::Xsavec64
+        | Mn::Xsaves
+        | Mn::Xsaves64
         | Mn::Xrstor
-        | Mn::Xrstor64 => {
+        | Mn::Xrstor64
+        | Mn::Xrstors
+        | Mn::Xrstors64 => {
+            use super::xsave::{self, Form};
             if cpu.cr4 & CR4_OSXSAVE == 0 {
                 return Err(exception(Exception::ud()));
             }
+            let form = match m {
+                Mn::Xsavec | Mn::Xsavec64 => Form::Compacted,
+                Mn::Xsaves | Mn::Xsaves64 | Mn::Xrstors | Mn::Xrstors64 => Form::Supervisor,
+                _ => Form::Standard,
+            };
             match m {
-                Mn::Xgetbv => super::xsave::xgetbv(cpu)?,
-                Mn::Xsetbv => super::xsave::xsetbv(cpu)?,
-                Mn::Xrstor | Mn::Xrstor64 => {
+                Mn::Xgetbv => xsave::xgetbv(cpu)?,
+                Mn::Xsetbv => xsave::xsetbv(cpu)?,
+                Mn::Xrstor | Mn::Xrstor64 | Mn::Xrstors | Mn::Xrstors64 => {
                     let va = address(cpu, instr, 0)?;
-                    super::xsave::xrstor(cpu, lin, va)?
+                    xsave::xrstor(cpu, lin, va, form)?
                 }
                 _ => {
                     let va = address(cpu, instr, 0)?;
-                    super::xsave::xsave(cpu, lin, va)?
+                    xsave::xsave(cpu, lin, va, form)?
                 }
+            }
+        }
+        Mn::Ldmxcsr | Mn::Vldmxcsr | Mn::Stmxcsr | Mn::Vstmxcsr => {
+            // #UD without CR4.OSFXSR or with CR0.EM; #NM with CR0.TS (SDM: LDMXCSR).
+            const CR4_OSFXSR: u64 = 1 << 9;
+            if cpu.cr4 & CR4_OSFXSR == 0 || cpu.cr0 & (1 << 2) != 0 {
+                return Err(exception(Exception::ud()));
+            }
+            if cpu.cr0 & (1 << 3) != 0 {
+                return Err(exception(Exception::fault(super::NM)));
+            }
+            let va = address(cpu, instr, 0)?;
+            if matches!(m, Mn::Ldmxcsr | Mn::Vldmxcsr) {
+                let mut b = [0u8; 4];
+                lin.read(va, &mut b, AccessKind::Read)?;
+                super::xsave::ldmxcsr(cpu, u32::from_le_bytes(b))?;
+            } else {
+                let v = super::xsave::stmxcsr(cpu)?;
+                lin.write(va, &v.to_le_bytes())?;
             }
         }
         Mn::Wait => {
@@ -452,6 +483,11 @@ fn mnemonic_name(m: Mnemonic) -> &'static str {
         Mn::Xsaveopt | Mn::Xsaveopt64 => "xsaveopt",
         Mn::Xrstor | Mn::Xrstor64 => "xrstor",
         Mn::Wait => "fwait",
+        Mn::Xsavec | Mn::Xsavec64 => "xsavec",
+        Mn::Xsaves | Mn::Xsaves64 => "xsaves",
+        Mn::Xrstors | Mn::Xrstors64 => "xrstors",
+        Mn::Ldmxcsr | Mn::Vldmxcsr => "ldmxcsr",
+        Mn::Stmxcsr | Mn::Vstmxcsr => "stmxcsr",
         _ => "other",
     }
 }

@@ -498,6 +498,92 @@ fn xsave_and_xrstor_round_trip_the_vcpu_area() {
     assert_eq!(cpu.xsave, before);
 }
 
+/// The compacted forms (XSAVEC, XSAVES, and XRSTOR/XRSTORS of a compacted area), which a
+/// Linux kernel uses once it finds XSAVEC/XSAVES, and LDMXCSR/STMXCSR.
+#[test]
+fn compacted_areas_and_mxcsr() {
+    let (mem, mut cpu) = machine();
+    let (avx_off, avx_size) = {
+        let r = std::arch::x86_64::__cpuid_count(0xd, 2);
+        (r.ebx as usize, r.eax as usize)
+    };
+    if avx_size == 0 || avx_off + avx_size > 4096 {
+        eprintln!("SKIPPED compacted_areas_and_mxcsr: the host has no AVX XSAVE component");
+        return;
+    }
+    cpu.xcr0 = 7;
+    let mut area = vec![0u8; 4096];
+    area[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
+    area[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+    area[28..32].copy_from_slice(&0xffffu32.to_le_bytes());
+    area[160..176].copy_from_slice(&[0x11; 16]);
+    area[avx_off..avx_off + 16].copy_from_slice(&[0x22; 16]);
+    area[512..520].copy_from_slice(&6u64.to_le_bytes()); // SSE and AVX in use, x87 initial
+    cpu.xsave = area.clone();
+    cpu.gpr[0] = 7;
+    cpu.gpr[2] = 0;
+    cpu.gpr[6] = DATA;
+    let (r, _) = run(&mem, &mut cpu, |a| a.xsavec64(ptr(rsi)));
+    assert_eq!(emulated(r), "xsavec");
+    let mut hdr = [0u8; 16];
+    mem.read_slice(&mut hdr, GuestAddress(0x30_0000 + 512))
+        .unwrap();
+    assert_eq!(u64::from_le_bytes(hdr[0..8].try_into().unwrap()), 6);
+    assert_eq!(
+        u64::from_le_bytes(hdr[8..16].try_into().unwrap()),
+        7 | 1 << 63
+    );
+    let mut ymm = [0u8; 16];
+    mem.read_slice(&mut ymm, GuestAddress(0x30_0000 + 576))
+        .unwrap();
+    assert_eq!(ymm, [0x22; 16], "AVX at its compacted offset, 576");
+    // Restore the compacted image into a clobbered area.
+    cpu.xsave[160..176].fill(0);
+    cpu.xsave[avx_off..avx_off + 16].fill(0);
+    let (r, _) = run(&mem, &mut cpu, |a| a.xrstor64(ptr(rsi)));
+    assert_eq!(emulated(r), "xrstor");
+    assert_eq!(&cpu.xsave[160..176], &[0x11; 16]);
+    assert_eq!(&cpu.xsave[avx_off..avx_off + 16], &[0x22; 16]);
+    // XSAVES/XRSTORS are CPL 0 only; XRSTORS refuses a standard-format area.
+    cpu.cpl = 3;
+    let (r, _) = run(&mem, &mut cpu, |a| a.xrstors64(ptr(rsi)));
+    assert_eq!(r.unwrap(), Outcome::Exception(Exception::gp(0)));
+    cpu.cpl = 0;
+    let (r, _) = run(&mem, &mut cpu, |a| a.xsaves64(ptr(rsi)));
+    assert_eq!(emulated(r), "xsaves");
+    mem.write_obj(0u64, GuestAddress(0x30_0000 + 520)).unwrap();
+    let (r, _) = run(&mem, &mut cpu, |a| a.xrstors64(ptr(rsi)));
+    assert_eq!(r.unwrap(), Outcome::Exception(Exception::gp(0)));
+    // XSTATE_BV naming a component XCOMP_BV lacks: #GP.
+    mem.write_obj(1u64 << 63 | 3, GuestAddress(0x30_0000 + 520))
+        .unwrap();
+    mem.write_obj(7u64, GuestAddress(0x30_0000 + 512)).unwrap();
+    let (r, _) = run(&mem, &mut cpu, |a| a.xrstor64(ptr(rsi)));
+    assert_eq!(r.unwrap(), Outcome::Exception(Exception::gp(0)));
+
+    // LDMXCSR / STMXCSR (CR4.OSFXSR needed).
+    cpu.cr4 |= 1 << 9;
+    mem.write_obj(0x1f00u32, GuestAddress(0x30_0100)).unwrap();
+    cpu.gpr[6] = DATA + 0x100;
+    let (r, _) = run(&mem, &mut cpu, |a| a.ldmxcsr(dword_ptr(rsi)));
+    assert_eq!(emulated(r), "ldmxcsr");
+    assert_eq!(&cpu.xsave[24..28], &0x1f00u32.to_le_bytes());
+    cpu.gpr[6] = DATA + 0x104;
+    let (r, _) = run(&mem, &mut cpu, |a| a.stmxcsr(dword_ptr(rsi)));
+    assert_eq!(emulated(r), "stmxcsr");
+    assert_eq!(
+        mem.read_obj::<u32>(GuestAddress(0x30_0104)).unwrap(),
+        0x1f00
+    );
+    mem.write_obj(0x1_0000u32, GuestAddress(0x30_0100)).unwrap(); // bit 16: reserved
+    cpu.gpr[6] = DATA + 0x100;
+    let (r, _) = run(&mem, &mut cpu, |a| a.ldmxcsr(dword_ptr(rsi)));
+    assert_eq!(r.unwrap(), Outcome::Exception(Exception::gp(0)));
+    cpu.cr4 &= !(1 << 9);
+    let (r, _) = run(&mem, &mut cpu, |a| a.ldmxcsr(dword_ptr(rsi)));
+    assert_eq!(r.unwrap(), Outcome::Exception(Exception::ud()));
+}
+
 #[test]
 fn what_is_not_emulated_is_refused_with_its_disassembly() {
     let (mem, mut cpu) = machine();

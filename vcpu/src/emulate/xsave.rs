@@ -36,6 +36,34 @@ fn component(i: u32) -> (usize, usize) {
     }
 }
 
+/// Whether component `i` is 64-byte aligned in the compacted format
+/// (CPUID.(EAX=0DH,ECX=i):ECX[1]).
+fn aligned64(i: u32) -> bool {
+    i >= 2 && std::arch::x86_64::__cpuid_count(0xd, i).ecx & 2 != 0
+}
+
+/// Offsets of the components `i >= 2` in `comp` in the compacted format (SDM vol. 1
+/// §13.4.3): packed from byte 576 in component order, each 64-byte aligned if it asks to be.
+fn compacted(comp: u64) -> Vec<(u32, usize, usize)> {
+    let mut out = Vec::new();
+    let mut at = HEADER_END;
+    for i in 2..63u32 {
+        if comp & (1 << i) == 0 {
+            continue;
+        }
+        if aligned64(i) {
+            at = at.next_multiple_of(64);
+        }
+        let (_, size) = component(i);
+        out.push((i, at, size));
+        at += size;
+    }
+    out
+}
+
+/// XCOMP_BV bit 63: the area is in the compacted format.
+const COMPACTED: u64 = 1 << 63;
+
 fn edx_eax(cpu: &CpuState) -> u64 {
     (cpu.gpr[0] & 0xffff_ffff) | (cpu.gpr[2] << 32)
 }
@@ -128,59 +156,135 @@ fn image_len(parts: &[(u32, usize, usize)]) -> usize {
         .max(HEADER_END)
 }
 
-/// XSAVE (and XSAVEOPT, which may save more than it must): the components in RFBM = XCR0 AND
-/// EDX:EAX to the 64-byte aligned area at `va`, and their XSTATE_BV bits.
+/// Which instruction of the save/restore family runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Form {
+    /// XSAVE, XSAVEOPT, XRSTOR: standard format (XRSTOR also takes a compacted area).
+    Standard,
+    /// XSAVEC: compacted format.
+    Compacted,
+    /// XSAVES, XRSTORS: compacted, CPL 0 only (supervisor components: IA32_XSS is taken as 0).
+    Supervisor,
+}
+
+/// The legacy region's and extended components' bytes for component `i` of the area,
+/// copied from `from` (at `src`) to `to` (at `dst`).
+fn copy_component(i: u32, from: &[u8], src: usize, to: &mut [u8], dst: usize, size: usize) {
+    if i == 0 {
+        to[0..24].copy_from_slice(&from[0..24]);
+        to[32..160].copy_from_slice(&from[32..160]);
+    } else {
+        to[dst..dst + size].copy_from_slice(&from[src..src + size]);
+    }
+}
+
+/// XSAVE (XSAVEOPT may save more than it must, so it is XSAVE here), XSAVEC and XSAVES: the
+/// components in RFBM = XCR0 AND EDX:EAX to the 64-byte aligned area at `va`, and the header.
+/// The compacted forms write only the components in use, at their compacted offsets, and set
+/// XCOMP_BV = RFBM | bit 63.
 pub(super) fn xsave<M: GuestMemory + ?Sized>(
     cpu: &mut CpuState,
     lin: &Linear<'_, M>,
     va: u64,
+    form: Form,
 ) -> Result<(), Fail> {
     area(cpu)?;
-    if !va.is_multiple_of(64) {
+    if !va.is_multiple_of(64) || (form == Form::Supervisor && cpu.cpl != 0) {
         return Err(gp());
     }
     let rfbm = cpu.xcr0 & edx_eax(cpu);
     let parts = ranges(cpu, rfbm)?;
-    let mut img = vec![0u8; image_len(&parts)];
+    let inuse = u64_at(&cpu.xsave, XSTATE_BV);
+    let (layout, len) = if form == Form::Standard {
+        (parts.clone(), image_len(&parts))
+    } else {
+        let c = compacted(rfbm);
+        let len = c.iter().map(|&(_, o, s)| o + s).max().unwrap_or(HEADER_END);
+        let legacy = parts.iter().filter(|p| p.0 < 2).copied();
+        (legacy.chain(c).collect(), len)
+    };
+    let mut img = vec![0u8; len];
     lin.read(va, &mut img, AccessKind::Read)?;
-    for &(i, off, size) in &parts {
-        if i == 0 {
-            img[0..24].copy_from_slice(&cpu.xsave[0..24]);
-            img[32..160].copy_from_slice(&cpu.xsave[32..160]);
-        } else {
-            img[off..off + size].copy_from_slice(&cpu.xsave[off..off + size]);
+    for (&(i, std_off, size), &(_, off, _)) in parts.iter().zip(&layout) {
+        if form != Form::Standard && inuse & (1 << i) == 0 {
+            continue; // the compacted forms skip components in their initial state
         }
+        copy_component(i, &cpu.xsave, std_off, &mut img, off, size);
     }
     if rfbm & (SSE | AVX) != 0 {
         img[MXCSR..MXCSR_MASK + 4].copy_from_slice(&cpu.xsave[MXCSR..MXCSR_MASK + 4]);
     }
-    let inuse = u64_at(&cpu.xsave, XSTATE_BV);
-    let bv = (u64_at(&img, XSTATE_BV) & !rfbm) | (inuse & rfbm);
-    img[XSTATE_BV..XSTATE_BV + 8].copy_from_slice(&bv.to_le_bytes());
+    if form == Form::Standard {
+        let bv = (u64_at(&img, XSTATE_BV) & !rfbm) | (inuse & rfbm);
+        img[XSTATE_BV..XSTATE_BV + 8].copy_from_slice(&bv.to_le_bytes());
+    } else {
+        img[XSTATE_BV..HEADER_END].fill(0);
+        img[XSTATE_BV..XSTATE_BV + 8].copy_from_slice(&(inuse & rfbm).to_le_bytes());
+        img[XCOMP_BV..XCOMP_BV + 8].copy_from_slice(&(rfbm | COMPACTED).to_le_bytes());
+    }
     lin.write(va, &img)
 }
 
-/// XRSTOR (standard format): the components in RFBM from the area at `va` where its
-/// XSTATE_BV says so, initialised otherwise. #GP(0) for a misaligned area, a compacted or
-/// non-zero XCOMP_BV, a reserved header word set, XSTATE_BV bits outside XCR0, or MXCSR
-/// reserved bits; all checked before anything changes.
+/// XRSTOR and XRSTORS: the components in RFBM from the area at `va` where its XSTATE_BV says
+/// so, initialised otherwise; the area in the standard format (XCOMP_BV 0) or, with XCOMP_BV
+/// bit 63, the compacted one (XRSTORS requires it). #GP(0) for a misaligned area, a reserved
+/// header word set, XSTATE_BV bits outside XCR0 (or, compacted, outside XCOMP_BV), XCOMP_BV
+/// bits outside XCR0, or MXCSR reserved bits — all checked before anything changes.
 pub(super) fn xrstor<M: GuestMemory + ?Sized>(
     cpu: &mut CpuState,
     lin: &Linear<'_, M>,
     va: u64,
+    form: Form,
 ) -> Result<(), Fail> {
     area(cpu)?;
-    if !va.is_multiple_of(64) {
+    if !va.is_multiple_of(64) || (form == Form::Supervisor && cpu.cpl != 0) {
         return Err(gp());
     }
     let rfbm = cpu.xcr0 & edx_eax(cpu);
     let parts = ranges(cpu, rfbm)?;
-    let mut img = vec![0u8; image_len(&parts)];
-    lin.read(va, &mut img, AccessKind::Read)?;
-    let bv = u64_at(&img, XSTATE_BV);
-    if u64_at(&img, XCOMP_BV) != 0 || u64_at(&img, XCOMP_BV + 8) != 0 || bv & !cpu.xcr0 != 0 {
+    let mut header = [0u8; 64];
+    lin.read(va + XSTATE_BV as u64, &mut header, AccessKind::Read)?;
+    let bv = u64_at(&header, 0);
+    let xcomp = u64_at(&header, 8);
+    let compact = xcomp & COMPACTED != 0;
+    let reserved = if compact {
+        header[16..64].iter().any(|&b| b != 0)
+    } else {
+        xcomp != 0 || u64_at(&header, 16) != 0
+    };
+    let comp = xcomp & !COMPACTED;
+    if reserved
+        || bv & !cpu.xcr0 != 0
+        || (form == Form::Supervisor && !compact)
+        || (compact && (comp & !cpu.xcr0 != 0 || bv & !comp != 0))
+    {
         return Err(gp());
     }
+    let layout: Vec<(u32, usize, usize)> = if compact {
+        let c = compacted(comp);
+        parts
+            .iter()
+            .map(|&(i, off, size)| {
+                let at = if i < 2 {
+                    off
+                } else {
+                    c.iter().find(|p| p.0 == i).map_or(usize::MAX, |p| p.1)
+                };
+                (i, at, size)
+            })
+            .collect()
+    } else {
+        parts.clone()
+    };
+    let len = layout
+        .iter()
+        .filter(|p| p.1 != usize::MAX)
+        .map(|&(_, o, s)| o + s)
+        .max()
+        .unwrap_or(0)
+        .max(HEADER_END);
+    let mut img = vec![0u8; len];
+    lin.read(va, &mut img, AccessKind::Read)?;
     let mxcsr_mask = u32::from_le_bytes(
         cpu.xsave[MXCSR_MASK..MXCSR_MASK + 4]
             .try_into()
@@ -193,21 +297,17 @@ pub(super) fn xrstor<M: GuestMemory + ?Sized>(
         return Err(gp());
     }
     let a = &mut cpu.xsave;
-    for &(i, off, size) in &parts {
-        let from_memory = bv & (1 << i) != 0;
+    for (&(i, std_off, size), &(_, off, _)) in parts.iter().zip(&layout) {
+        let from_memory = bv & (1 << i) != 0 && off != usize::MAX;
         match (i, from_memory) {
-            (0, true) => {
-                a[0..24].copy_from_slice(&img[0..24]);
-                a[32..160].copy_from_slice(&img[32..160]);
-            }
             (0, false) => {
                 // x87 initial state: FCW 0x037F, everything else 0 (SDM vol. 1 §13.6).
                 a[0..24].fill(0);
                 a[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
                 a[32..160].fill(0);
             }
-            (_, true) => a[off..off + size].copy_from_slice(&img[off..off + size]),
-            (_, false) => a[off..off + size].fill(0),
+            (_, true) => copy_component(i, &img, off, a, std_off, size),
+            (_, false) => a[std_off..std_off + size].fill(0),
         }
     }
     if load_mxcsr {
@@ -217,4 +317,34 @@ pub(super) fn xrstor<M: GuestMemory + ?Sized>(
     a[XSTATE_BV..XSTATE_BV + 8].copy_from_slice(&inuse.to_le_bytes());
     cpu.extended_state_dirty = true;
     Ok(())
+}
+
+/// LDMXCSR / VLDMXCSR: MXCSR from memory; #GP(0) when it sets bits MXCSR_MASK leaves clear.
+pub(super) fn ldmxcsr(cpu: &mut CpuState, value: u32) -> Result<(), Fail> {
+    area(cpu)?;
+    let mask = u32::from_le_bytes(
+        cpu.xsave[MXCSR_MASK..MXCSR_MASK + 4]
+            .try_into()
+            .unwrap_or([0; 4]),
+    );
+    let mask = if mask == 0 { 0xffbf } else { mask };
+    if value & !mask != 0 {
+        return Err(gp());
+    }
+    cpu.xsave[MXCSR..MXCSR + 4].copy_from_slice(&value.to_le_bytes());
+    // A non-default MXCSR puts the SSE component in use (SDM vol. 1 §13.6).
+    if value != 0x1f80 {
+        let bv = u64_at(&cpu.xsave, XSTATE_BV) | SSE;
+        cpu.xsave[XSTATE_BV..XSTATE_BV + 8].copy_from_slice(&bv.to_le_bytes());
+    }
+    cpu.extended_state_dirty = true;
+    Ok(())
+}
+
+/// STMXCSR / VSTMXCSR: the current MXCSR.
+pub(super) fn stmxcsr(cpu: &CpuState) -> Result<u32, Fail> {
+    area(cpu)?;
+    Ok(u32::from_le_bytes(
+        cpu.xsave[MXCSR..MXCSR + 4].try_into().unwrap_or([0; 4]),
+    ))
 }
