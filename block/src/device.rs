@@ -179,7 +179,8 @@ impl<M> Block<M> {
 fn worker_err(index: u16, e: WorkerError) -> DeviceError {
     match e {
         WorkerError::Queue(source) => DeviceError::Queue { index, source },
-        WorkerError::Uring(e) => DeviceError::Backend(e.to_string()),
+        // The whole error, not its text: the transport keeps it with its `source()` chain.
+        e @ WorkerError::Uring(_) => DeviceError::Backend(Box::new(e)),
     }
 }
 
@@ -328,5 +329,29 @@ impl<M: GuestMemory + Send> VirtioDevice<M> for Block<M> {
         }
         self.active = None;
         self.throttled = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::uring::UringError;
+    use std::error::Error as _;
+
+    /// An io_uring failure reaches the transport as a `Backend` error whose `source()` chain
+    /// ends at the kernel's errno (it used to be flattened to a string).
+    #[test]
+    fn engine_errors_keep_their_source() {
+        let os = std::io::Error::from_raw_os_error(libc::EIO);
+        let e = worker_err(3, WorkerError::Uring(UringError::Ring(os)));
+        assert!(matches!(e, DeviceError::Backend(_)));
+        let worker = e.source().unwrap().downcast_ref::<WorkerError>().unwrap();
+        assert!(matches!(worker, WorkerError::Uring(_)));
+        let io = worker
+            .source()
+            .and_then(|u| u.source())
+            .and_then(|i| i.downcast_ref::<std::io::Error>())
+            .unwrap();
+        assert_eq!(io.raw_os_error(), Some(libc::EIO));
     }
 }

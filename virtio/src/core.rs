@@ -97,6 +97,7 @@ pub struct TransportCore<D, M = GuestMemoryMmap> {
     activated: bool,
     generation: Arc<AtomicU32>,
     metrics: TransportMetrics,
+    last_error: Option<DeviceError>,
 }
 
 impl<D, M> TransportCore<D, M>
@@ -121,6 +122,7 @@ where
             activated: false,
             generation: Arc::new(AtomicU32::new(0)),
             metrics: TransportMetrics::default(),
+            last_error: None,
         }
     }
 
@@ -320,7 +322,10 @@ where
         };
         match self.device.activate(activation) {
             Ok(()) => self.activated = true,
-            Err(_) => self.fail_activation(),
+            Err(e) => {
+                self.last_error = Some(e);
+                self.fail_activation();
+            }
         }
     }
 
@@ -491,10 +496,24 @@ where
         self.notify(index);
     }
 
-    /// Record a device error reported outside [`Self::notify`] (e.g. from a worker).
-    pub fn device_error(&mut self, _error: DeviceError) {
+    /// Record a device error reported outside [`Self::notify`] (e.g. from a worker): count it,
+    /// set `DEVICE_NEEDS_RESET` and keep it as [`Self::last_device_error`].
+    pub fn device_error(&mut self, error: DeviceError) {
         self.metrics.device_errors += 1;
+        self.last_error = Some(error);
         self.needs_reset();
+    }
+
+    /// The last error the device reported (from activation, a notification or a worker), with
+    /// its whole `source()` chain; kept across a reset so a VMM can still log why the driver
+    /// had to reset, until [`Self::take_last_device_error`] or the next error replaces it.
+    pub fn last_device_error(&self) -> Option<&DeviceError> {
+        self.last_error.as_ref()
+    }
+
+    /// Take [`Self::last_device_error`] out (e.g. to log it once).
+    pub fn take_last_device_error(&mut self) -> Option<DeviceError> {
+        self.last_error.take()
     }
 
     /// A driver read of the device configuration space.

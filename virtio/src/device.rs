@@ -34,12 +34,18 @@ pub trait VirtioInterrupt: Send + Sync {
     }
 }
 
-/// Errors a device reports to its transport; the transport then sets `DEVICE_NEEDS_RESET`.
+/// The boxed cause a device attaches to [`DeviceError::Activate`] and [`DeviceError::Backend`]:
+/// any error type, kept whole (its own `source()` chain included) so a VMM can log or match
+/// the real cause (`downcast_ref`) instead of a flattened message.
+pub type BoxedCause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Errors a device reports to its transport; the transport then sets `DEVICE_NEEDS_RESET` and
+/// keeps the error readable (`TransportCore::last_device_error`).
 #[derive(Debug, Error)]
 pub enum DeviceError {
     /// The device could not start (e.g. a ready queue is unusable).
-    #[error("activation failed: {0}")]
-    Activate(String),
+    #[error("activation failed")]
+    Activate(#[source] BoxedCause),
     /// A queue's rings are corrupt (e.g. the available index moved too far).
     #[error("queue {index} failed")]
     Queue {
@@ -53,8 +59,8 @@ pub enum DeviceError {
     #[error("interrupt failed")]
     Interrupt(#[source] io::Error),
     /// The backend failed in a way the device cannot report in a request status.
-    #[error("backend failed: {0}")]
-    Backend(String),
+    #[error("backend failed")]
+    Backend(#[source] BoxedCause),
 }
 
 /// Everything a device gets when the driver sets `DRIVER_OK`.

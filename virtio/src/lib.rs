@@ -32,7 +32,7 @@ pub mod test_utils;
 
 pub use crate::core::{Ring, TransportCore, TransportMetrics};
 pub use device::{
-    Activation, DeviceError, InterruptCause, QueueWork, VirtioDevice, VirtioInterrupt,
+    Activation, BoxedCause, DeviceError, InterruptCause, QueueWork, VirtioDevice, VirtioInterrupt,
 };
 pub use spec::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
