@@ -98,6 +98,7 @@ pub struct TransportCore<D, M = GuestMemoryMmap> {
     generation: Arc<AtomicU32>,
     metrics: TransportMetrics,
     last_error: Option<DeviceError>,
+    corrupt_rings: u64,
 }
 
 impl<D, M> TransportCore<D, M>
@@ -123,6 +124,7 @@ where
             generation: Arc::new(AtomicU32::new(0)),
             metrics: TransportMetrics::default(),
             last_error: None,
+            corrupt_rings: 0,
         }
     }
 
@@ -500,8 +502,19 @@ where
     /// set `DEVICE_NEEDS_RESET` and keep it as [`Self::last_device_error`].
     pub fn device_error(&mut self, error: DeviceError) {
         self.metrics.device_errors += 1;
+        if matches!(error, DeviceError::Queue { .. }) {
+            self.corrupt_rings += 1;
+        }
         self.last_error = Some(error);
         self.needs_reset();
+    }
+
+    /// Device errors that were a corrupt ring ([`DeviceError::Queue`], the shared policy of
+    /// [`crate::queue_pass`]): each also set `DEVICE_NEEDS_RESET` and counts in
+    /// [`TransportMetrics::device_errors`]. (A separate counter: `TransportMetrics` keeps its
+    /// fields, which VMMs print.)
+    pub fn corrupt_rings(&self) -> u64 {
+        self.corrupt_rings
     }
 
     /// The last error the device reported (from activation, a notification or a worker), with

@@ -1,16 +1,16 @@
 //! The transport-agnostic device side: [`VirtioDevice`], the [`VirtioInterrupt`] handle it
 //! receives at activation, and [`Activation`], which bundles memory, queues and interrupt and
-//! runs the queue-processing loop (EVENT_IDX aware) so a device only supplies per-chain logic.
+//! runs the shared queue pass ([`crate::queue_pass`]) so a device only supplies per-chain logic.
 
 use std::io;
-use std::num::Wrapping;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use thiserror::Error;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::queue_pass::{self, ChainOutcome, Completion, PassReport, QueueContext};
 
 /// Why a device interrupts the driver (virtio 1.2 §2.3 / §4.1.4.5 ISR bits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -93,54 +93,65 @@ impl<M: GuestMemory> Activation<M> {
         bit < 64 && self.acked_features & (1 << bit) != 0
     }
 
-    /// Take every available chain of queue `index`, hand it to `handle` (which returns the
-    /// number of bytes it wrote into the chain's writable buffers), put it on the used ring and
-    /// signal the driver when the ring's suppression rules (EVENT_IDX or NO_INTERRUPT) ask for
-    /// it. A queue that is not ready or does not exist is left alone.
+    /// Run one [`queue_pass::run`] over queue `index` with `handle` deciding each chain
+    /// (used / in flight / retry). A queue that is not ready or does not exist is left alone.
+    ///
+    /// # Errors
+    ///
+    /// A corrupt ring or a failed interrupt (see [`queue_pass::run`]).
+    pub fn run_queue<F>(&mut self, index: u16, handle: F) -> Result<PassReport, DeviceError>
+    where
+        F: FnMut(DescriptorChain<&M>) -> ChainOutcome,
+    {
+        let Some(queue) = self.queues.get_mut(index as usize) else {
+            return Ok(PassReport::default());
+        };
+        let ctx = QueueContext {
+            index,
+            queue,
+            mem: &self.mem,
+            interrupt: &*self.interrupt,
+        };
+        queue_pass::run(ctx, handle)
+    }
+
+    /// Put chains that were [`ChainOutcome::InFlight`] on queue `index`'s used ring
+    /// ([`queue_pass::complete`]).
+    ///
+    /// # Errors
+    ///
+    /// A head outside the queue, a used ring outside memory, or a failed interrupt.
+    pub fn complete<I>(&mut self, index: u16, done: I) -> Result<PassReport, DeviceError>
+    where
+        I: IntoIterator<Item = Completion>,
+    {
+        let Some(queue) = self.queues.get_mut(index as usize) else {
+            return Ok(PassReport::default());
+        };
+        let ctx = QueueContext {
+            index,
+            queue,
+            mem: &self.mem,
+            interrupt: &*self.interrupt,
+        };
+        queue_pass::complete(ctx, done)
+    }
+
+    /// [`Self::run_queue`] for a device that finishes every chain at once: `handle` returns
+    /// the number of bytes it wrote into the chain's writable buffers.
+    ///
+    /// # Errors
+    ///
+    /// A corrupt ring or a failed interrupt (see [`queue_pass::run`]).
     pub fn process_queue<F>(&mut self, index: u16, mut handle: F) -> Result<QueueWork, DeviceError>
     where
         F: FnMut(DescriptorChain<&M>) -> u32,
     {
-        let mut work = QueueWork::default();
-        let Some(queue) = self.queues.get_mut(index as usize) else {
-            return Ok(work);
-        };
-        if !queue.ready() {
-            return Ok(work);
-        }
-        let qerr = |source| DeviceError::Queue { index, source };
-        let mem = &self.mem;
-        let mut idle_passes = 0;
-        loop {
-            queue.disable_notification(mem).map_err(qerr)?;
-            // A driver that moved `avail.idx` more than a ring ahead corrupted the queue
-            // (virtio-queue would just yield nothing, forever).
-            let avail = queue.avail_idx(mem, Ordering::Acquire).map_err(qerr)?;
-            if (avail - Wrapping(queue.next_avail())).0 > queue.size() {
-                return Err(qerr(virtio_queue::Error::InvalidAvailRingIndex));
-            }
-            let mut added = false;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                let len = handle(chain);
-                queue.add_used(mem, head, len).map_err(qerr)?;
-                work.chains += 1;
-                added = true;
-            }
-            if added && queue.needs_notification(mem).map_err(qerr)? {
-                self.interrupt
-                    .signal(InterruptCause::Queue(index))
-                    .map_err(DeviceError::Interrupt)?;
-                work.interrupts += 1;
-            }
-            // Re-enable notifications; if the driver added chains meanwhile, go again. Two
-            // passes in a row that find nothing to pop (a head the ring cannot yield) end it.
-            idle_passes = if added { 0 } else { idle_passes + 1 };
-            if !queue.enable_notification(mem).map_err(qerr)? || idle_passes > 1 {
-                break;
-            }
-        }
-        Ok(work)
+        let report = self.run_queue(index, |chain| ChainOutcome::Used(handle(chain)))?;
+        Ok(QueueWork {
+            chains: report.used,
+            interrupts: report.interrupts,
+        })
     }
 }
 

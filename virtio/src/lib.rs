@@ -25,6 +25,7 @@ pub mod memory;
 pub mod mmio;
 pub mod notify;
 pub mod pci;
+pub mod queue_pass;
 pub mod rng;
 pub mod spec;
 #[cfg(any(test, feature = "test-utils"))]
@@ -44,5 +45,7 @@ mod pci_cfg_tests;
 mod pci_intx_tests;
 #[cfg(test)]
 mod pci_tests;
+#[cfg(test)]
+mod queue_pass_tests;
 #[cfg(test)]
 mod tests;

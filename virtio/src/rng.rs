@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap};
 
 use crate::device::{Activation, DeviceError, VirtioDevice};
+use crate::queue_pass::ChainOutcome;
 use crate::spec::{VIRTIO_F_VERSION_1, VIRTIO_ID_RNG, VIRTIO_RING_F_EVENT_IDX};
 
 /// Queue size the device offers.
@@ -88,7 +89,7 @@ impl<M: GuestMemory, E: EntropySource> Rng<M, E> {
         };
         let (source, m) = (&mut self.source, &mut self.metrics);
         let mut buf = Vec::new();
-        active.process_queue(0, |chain| {
+        active.run_queue(0, |chain| {
             let mem = chain.memory();
             let mut written = 0u32;
             for desc in chain.clone() {
@@ -113,7 +114,7 @@ impl<M: GuestMemory, E: EntropySource> Rng<M, E> {
             }
             m.requests += 1;
             m.bytes += written as u64;
-            written
+            ChainOutcome::Used(written)
         })?;
         Ok(())
     }

@@ -375,7 +375,16 @@ impl<D: VirtioDevice> DriverHarness<D> {
                 .store(idx as u16, RawDescriptor::from(d))
                 .map_err(|_| HarnessError::Memory)?;
         }
-        // Publish: ring[avail_idx % size] = head; then avail_idx += 1 (virtio 1.2 §2.7.13).
+        self.publish(index, head)?;
+        self.queues[index as usize].next_desc = ((head as usize + n) % dq.size as usize) as u16;
+        Ok(Chain { head, buffers })
+    }
+
+    /// Make `head` available on queue `index` as it is — any value, also one outside the
+    /// descriptor table (what a hostile driver can do): ring[avail_idx % size] = head; then
+    /// avail_idx += 1 (virtio 1.2 §2.7.13).
+    pub fn publish(&mut self, index: u16, head: u16) -> Result<(), HarnessError> {
+        let (l, dq) = self.queue(index)?;
         let avail = l.avail;
         let avail_idx: u16 = self
             .mem
@@ -387,9 +396,7 @@ impl<D: VirtioDevice> DriverHarness<D> {
             .map_err(|_| HarnessError::Memory)?;
         self.mem
             .write_obj(avail_idx.wrapping_add(1), avail.unchecked_add_(2))
-            .map_err(|_| HarnessError::Memory)?;
-        self.queues[index as usize].next_desc = ((head as usize + n) % dq.size as usize) as u16;
-        Ok(Chain { head, buffers })
+            .map_err(|_| HarnessError::Memory)
     }
 
     /// Notify queue `index` through the `QueueNotify` register (the trapped-exit path).
