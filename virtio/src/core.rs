@@ -10,6 +10,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use crate::device::{Activation, DeviceError, InterruptCause, VirtioDevice, VirtioInterrupt};
+use crate::events::{DeviceEvents, RetryTimer};
 use crate::spec::*;
 
 /// Counters of driver mistakes and device events; every ignored guest action is counted here.
@@ -99,6 +100,7 @@ pub struct TransportCore<D, M = GuestMemoryMmap> {
     metrics: TransportMetrics,
     last_error: Option<DeviceError>,
     corrupt_rings: u64,
+    events: Option<Arc<DeviceEvents>>,
 }
 
 impl<D, M> TransportCore<D, M>
@@ -125,6 +127,8 @@ where
             metrics: TransportMetrics::default(),
             last_error: None,
             corrupt_rings: 0,
+            // Without an eventfd (fd limit) there are no device events: kicks still work.
+            events: DeviceEvents::new().ok().map(Arc::new),
         }
     }
 
@@ -313,7 +317,17 @@ where
                 }
             }
         }
+        // One retry timer per queue, its source declared with the device's own.
+        let mut sources = Vec::with_capacity(queues.len());
+        let retry_timers = (0..queues.len() as u16)
+            .map(|q| {
+                let (timer, source) = RetryTimer::new(q).ok()?;
+                sources.push(source);
+                Some(timer)
+            })
+            .collect();
         let activation = Activation {
+            retry_timers,
             mem: self.mem.clone(),
             queues,
             interrupt: Arc::new(CountingInterrupt {
@@ -323,7 +337,13 @@ where
             acked_features: self.driver_features,
         };
         match self.device.activate(activation) {
-            Ok(()) => self.activated = true,
+            Ok(()) => {
+                self.activated = true;
+                sources.extend(self.device.event_sources());
+                if let Some(events) = &self.events {
+                    events.set(sources);
+                }
+            }
             Err(e) => {
                 self.last_error = Some(e);
                 self.fail_activation();
@@ -347,6 +367,9 @@ where
     /// Reset: the device and every queue return to their initial state.
     pub fn reset(&mut self) {
         self.activated = false;
+        if let Some(events) = &self.events {
+            events.clear();
+        }
         self.device.reset();
         self.status = 0;
         self.device_features_select = 0;
@@ -484,6 +507,24 @@ where
         if let Err(e) = self.device.queue_notify(index) {
             self.device_error(e);
         }
+    }
+
+    /// A declared event source with `EventAction::Device(token)` fired: forward it to the
+    /// device while it is active (ignored otherwise, uncounted). A device error sets
+    /// `DEVICE_NEEDS_RESET`.
+    pub fn device_event(&mut self, token: u32) {
+        if !self.activated || self.status & STATUS_NEEDS_RESET != 0 {
+            return;
+        }
+        if let Err(e) = self.device.handle_event(token) {
+            self.device_error(e);
+        }
+    }
+
+    /// The device's event sources, for a notify worker to serve (`None` if the registry could
+    /// not be created).
+    pub fn device_events(&self) -> Option<Arc<DeviceEvents>> {
+        self.events.clone()
     }
 
     /// Whether queue `index` may run: the device is active, has the queue, and does not need

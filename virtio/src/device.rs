@@ -4,13 +4,15 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use thiserror::Error;
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::queue_pass::{self, ChainOutcome, Completion, PassReport, QueueContext};
+use crate::events::{EventSource, RetryTimer};
+use crate::queue_pass::{self, ChainOutcome, Completion, PassReport, QueueContext, Retry};
 
 /// Why a device interrupts the driver (virtio 1.2 §2.3 / §4.1.4.5 ISR bits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -76,6 +78,8 @@ pub struct Activation<M = GuestMemoryMmap> {
     pub interrupt: Arc<dyn VirtioInterrupt>,
     /// Features the driver accepted (a subset of the device's).
     pub acked_features: u64,
+    /// One retry timer per queue (see [`Self::retry_after`]); `None` where none could be made.
+    pub(crate) retry_timers: Vec<Option<RetryTimer>>,
 }
 
 /// What one pass over a queue did.
@@ -112,7 +116,27 @@ impl<M: GuestMemory> Activation<M> {
             mem: &self.mem,
             interrupt: &*self.interrupt,
         };
-        queue_pass::run(ctx, handle)
+        let report = queue_pass::run(ctx, handle)?;
+        if let Some(Retry::After(after)) = report.retry {
+            self.retry_after(index, after)?;
+        }
+        Ok(report)
+    }
+
+    /// Run queue `index` again after `after` without a driver notification: arms the queue's
+    /// retry timer, an event source the transport declared for it (the notify worker then
+    /// wakes the queue). [`Self::run_queue`] calls it for `Retry::After`; a device with its own
+    /// loop (a throttled virtio-blk queue) calls it directly.
+    ///
+    /// # Errors
+    ///
+    /// [`DeviceError::Backend`] when the queue has no timer or arming it failed (the retry
+    /// would never come).
+    pub fn retry_after(&mut self, index: u16, after: Duration) -> Result<(), DeviceError> {
+        match self.retry_timers.get_mut(index as usize) {
+            Some(Some(t)) => t.arm(after).map_err(|e| DeviceError::Backend(Box::new(e))),
+            _ => Err(DeviceError::Backend("no retry timer for the queue".into())),
+        }
     }
 
     /// Put chains that were [`ChainOutcome::InFlight`] on queue `index`'s used ring
@@ -234,4 +258,18 @@ pub trait VirtioDevice<M = GuestMemoryMmap>: Send {
 
     /// The driver reset the device: drop the activation and return to the initial state.
     fn reset(&mut self);
+
+    /// The device's own event sources (completion eventfds, tap fds, timers), asked once right
+    /// after a successful [`Self::activate`]; the transport publishes them, with a retry timer
+    /// per queue, for the notify worker to serve (see [`crate::events`]) and drops them at
+    /// reset. The default declares none.
+    fn event_sources(&self) -> Vec<EventSource> {
+        Vec::new()
+    }
+
+    /// A declared source with `EventAction::Device(token)` fired. Called only while active.
+    /// An error makes the transport set `DEVICE_NEEDS_RESET`. The default ignores it.
+    fn handle_event(&mut self, _token: u32) -> Result<(), DeviceError> {
+        Ok(())
+    }
 }

@@ -20,6 +20,7 @@
 
 mod core;
 pub mod device;
+pub mod events;
 mod intx;
 pub mod memory;
 pub mod mmio;

@@ -29,6 +29,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::device::VirtioDevice;
+use crate::events::{DeviceEvents, EventAction, EventPoller};
 use crate::mmio::MmioTransport;
 use crate::pci::VirtioPciTransport;
 
@@ -60,6 +61,15 @@ pub trait QueueNotify: Send {
     fn wake_queue(&mut self, index: u16) {
         self.notify_queue(index);
     }
+
+    /// A device event source with `EventAction::Device(token)` fired. The default ignores it.
+    fn device_event(&mut self, _token: u32) {}
+
+    /// The device's event sources, which a [`NotifyWorker`] serves itself (the transports
+    /// return their core's registry). The default has none.
+    fn device_events(&self) -> Option<Arc<DeviceEvents>> {
+        None
+    }
 }
 
 impl<D, M> QueueNotify for MmioTransport<D, M>
@@ -73,6 +83,12 @@ where
     fn wake_queue(&mut self, index: u16) {
         MmioTransport::wake_queue(self, index)
     }
+    fn device_event(&mut self, token: u32) {
+        self.core_mut().device_event(token)
+    }
+    fn device_events(&self) -> Option<Arc<DeviceEvents>> {
+        self.core().device_events()
+    }
 }
 
 impl<D, M> QueueNotify for VirtioPciTransport<D, M>
@@ -85,6 +101,12 @@ where
     }
     fn wake_queue(&mut self, index: u16) {
         VirtioPciTransport::wake_queue(self, index)
+    }
+    fn device_event(&mut self, token: u32) {
+        self.core_mut().device_event(token)
+    }
+    fn device_events(&self) -> Option<Arc<DeviceEvents>> {
+        self.core().device_events()
     }
 }
 
@@ -210,6 +232,8 @@ impl DoorbellBinding {
 }
 
 const STOP_TOKEN: u64 = u64::MAX;
+/// Tokens of the device's event sources start here (doorbells and wake-ups are below).
+const DEVICE_EVENT_BASE: u64 = 1 << 32;
 
 /// A thread that waits on queue eventfds and delivers each kick to the transport.
 pub struct NotifyWorker {
@@ -260,9 +284,19 @@ impl NotifyWorker {
                 EpollEvent::new(EventSet::IN, STOP_TOKEN),
             )
             .map_err(NotifyError::Io)?;
+        // The device's own events: served from the transport's registry, which follows
+        // activation and reset.
+        let registry = target
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .device_events();
+        let poller = registry
+            .map(|r| EventPoller::new(r, &epoll, DEVICE_EVENT_BASE))
+            .transpose()
+            .map_err(NotifyError::Io)?;
         let thread = std::thread::Builder::new()
             .name("virtio-notify".into())
-            .spawn(move || serve(epoll, fds, wakeups, target))
+            .spawn(move || serve(epoll, fds, wakeups, poller, target))
             .map_err(NotifyError::Io)?;
         Ok(Self {
             stop,
@@ -294,10 +328,16 @@ fn serve<T: QueueNotify>(
     epoll: Epoll,
     fds: Vec<QueueEventFd>,
     wakeups: Vec<(u16, EventFd)>,
+    mut poller: Option<EventPoller>,
     target: Arc<Mutex<T>>,
 ) -> Vec<QueueEventFd> {
-    let mut events = vec![EpollEvent::default(); fds.len() + wakeups.len() + 1];
+    let mut events = vec![EpollEvent::default(); fds.len() + wakeups.len() + 2];
     loop {
+        // Room for every source the device declared since the last wait.
+        let want = fds.len() + wakeups.len() + 2 + poller.as_ref().map_or(0, EventPoller::watched);
+        if events.len() < want {
+            events.resize(want, EpollEvent::default());
+        }
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -307,6 +347,25 @@ fn serve<T: QueueNotify>(
             let token = ev.data();
             if token == STOP_TOKEN {
                 return fds;
+            }
+            if token >= DEVICE_EVENT_BASE {
+                let action = match poller.as_mut().map(|p| p.handle(&epoll, token)) {
+                    Some(Ok(a)) => a,
+                    // Re-registering failed: stop serving device events, keep the doorbells.
+                    Some(Err(_)) => {
+                        poller = None;
+                        None
+                    }
+                    None => None,
+                };
+                if let Some(action) = action {
+                    let mut t = target.lock().unwrap_or_else(|e| e.into_inner());
+                    match action {
+                        EventAction::Queue(q) => t.wake_queue(q),
+                        EventAction::Device(token) => t.device_event(token),
+                    }
+                }
+                continue;
             }
             // Tokens number the doorbells first, then the wake-ups.
             let token = token as usize;

@@ -33,8 +33,10 @@ use vmkit_devices::MutBusDevice;
 use vmkit_devices::interrupt::RecordingInterrupt;
 
 use crate::device::VirtioDevice;
+use crate::events::{EventAction, EventPoller};
 use crate::mmio::MmioTransport;
 use crate::spec::*;
+use vmm_sys_util::epoll::Epoll;
 
 /// Size of the harness's guest memory.
 pub const HARNESS_MEM_SIZE: u64 = 64 << 20;
@@ -119,6 +121,7 @@ pub struct DriverHarness<D: VirtioDevice> {
     irq: Arc<RecordingInterrupt>,
     queues: Vec<DriverQueue>,
     next_buffer: u64,
+    events: Option<(Epoll, EventPoller)>,
 }
 
 impl<D: VirtioDevice> DriverHarness<D> {
@@ -139,6 +142,44 @@ impl<D: VirtioDevice> DriverHarness<D> {
             irq,
             queues: Vec::new(),
             next_buffer: BUFFER_BASE,
+            events: None,
+        }
+    }
+
+    /// Serve the device's own event sources (retry timers, completion eventfds, …) the way a
+    /// `NotifyWorker` does — same poller, same dispatch to the transport — until one action
+    /// was served or `timeout` passed. Returns how many actions ran (0: none fired in time).
+    ///
+    /// # Errors
+    ///
+    /// Creating the epoll instance or waiting failed.
+    pub fn serve_events(&mut self, timeout: std::time::Duration) -> std::io::Result<usize> {
+        if self.events.is_none() {
+            let registry = self
+                .transport
+                .core()
+                .device_events()
+                .ok_or_else(|| std::io::Error::other("no device event registry"))?;
+            let epoll = Epoll::new()?;
+            let poller = EventPoller::new(registry, &epoll, 0)?;
+            self.events = Some((epoll, poller));
+        }
+        let Some((epoll, poller)) = self.events.as_mut() else {
+            return Ok(0);
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let actions = poller.wait_once(epoll, left)?;
+            for a in &actions {
+                match *a {
+                    EventAction::Queue(q) => self.transport.wake_queue(q),
+                    EventAction::Device(t) => self.transport.core_mut().device_event(t),
+                }
+            }
+            if !actions.is_empty() || left.is_zero() {
+                return Ok(actions.len());
+            }
         }
     }
 
@@ -150,6 +191,11 @@ impl<D: VirtioDevice> DriverHarness<D> {
     /// The transport.
     pub fn transport(&self) -> &MmioTransport<D> {
         &self.transport
+    }
+
+    /// Give up the harness and keep the transport (e.g. to hand it to a `NotifyWorker`).
+    pub fn into_transport(self) -> MmioTransport<D> {
+        self.transport
     }
 
     /// The transport, mutably.
