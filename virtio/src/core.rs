@@ -11,6 +11,7 @@ use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use crate::device::{Activation, DeviceError, InterruptCause, VirtioDevice, VirtioInterrupt};
 use crate::events::{DeviceEvents, RetryTimer};
+use crate::queue_server::{QueueServers, ServeOutcome};
 use crate::spec::*;
 
 /// Counters of driver mistakes and device events; every ignored guest action is counted here.
@@ -101,6 +102,7 @@ pub struct TransportCore<D, M = GuestMemoryMmap> {
     last_error: Option<DeviceError>,
     corrupt_rings: u64,
     events: Option<Arc<DeviceEvents>>,
+    servers: Arc<QueueServers>,
 }
 
 impl<D, M> TransportCore<D, M>
@@ -111,7 +113,9 @@ where
     /// A core for `device`, whose queues live in `mem`, signalling through `interrupt`.
     pub fn new(device: D, mem: M, interrupt: Arc<dyn VirtioInterrupt>) -> Self {
         let queues = Self::fresh_queues(&device);
+        let servers = Arc::new(QueueServers::new(queues.len()));
         Self {
+            servers,
             device,
             mem,
             interrupt,
@@ -163,7 +167,9 @@ where
 
     /// Counters.
     pub fn metrics(&self) -> TransportMetrics {
-        self.metrics
+        let mut m = self.metrics;
+        m.notifies += self.servers.notifies();
+        m
     }
 
     /// Count a register access the transport could not decode.
@@ -343,6 +349,7 @@ where
                 if let Some(events) = &self.events {
                     events.set(sources);
                 }
+                self.servers.install(self.device.queue_servers());
             }
             Err(e) => {
                 self.last_error = Some(e);
@@ -370,6 +377,8 @@ where
         if let Some(events) = &self.events {
             events.clear();
         }
+        // Waits for running queue servers: after this no server touches the rings.
+        self.servers.clear();
         self.device.reset();
         self.status = 0;
         self.device_features_select = 0;
@@ -491,8 +500,33 @@ where
             return;
         }
         self.metrics.notifies += 1;
-        if let Err(e) = self.device.queue_notify(index) {
+        self.run_queue(index);
+    }
+
+    /// Run queue `index`: its server (see [`crate::queue_server`]) if it has one, otherwise
+    /// the device's `queue_notify`.
+    fn run_queue(&mut self, index: u16) {
+        let r = match self.servers.run(index) {
+            ServeOutcome::NotServed => self.device.queue_notify(index),
+            ServeOutcome::Done => Ok(()),
+            ServeOutcome::Failed { error, .. } => Err(error),
+        };
+        if let Err(e) = r {
             self.device_error(e);
+        }
+    }
+
+    /// The queue servers, for a notify worker to run outside the transport lock.
+    pub fn queue_servers(&self) -> Arc<QueueServers> {
+        self.servers.clone()
+    }
+
+    /// A queue server of activation `epoch` failed (reported by the notify worker, which ran
+    /// it without the transport lock): a device error, unless the driver reset the device
+    /// since (then the error belongs to a gone activation and is dropped).
+    pub fn server_error(&mut self, epoch: u64, error: DeviceError) {
+        if epoch == self.servers.epoch() && self.activated {
+            self.device_error(error);
         }
     }
 
@@ -504,9 +538,7 @@ where
         if !self.runs_queue(index) {
             return;
         }
-        if let Err(e) = self.device.queue_notify(index) {
-            self.device_error(e);
-        }
+        self.run_queue(index);
     }
 
     /// A declared event source with `EventAction::Device(token)` fired: forward it to the
@@ -543,6 +575,8 @@ where
     /// set `DEVICE_NEEDS_RESET` and keep it as [`Self::last_device_error`].
     pub fn device_error(&mut self, error: DeviceError) {
         self.metrics.device_errors += 1;
+        // The device stops: no server runs again until the driver resets it.
+        self.servers.clear();
         if matches!(error, DeviceError::Queue { .. }) {
             self.corrupt_rings += 1;
         }

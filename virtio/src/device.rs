@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::events::{EventSource, RetryTimer};
 use crate::queue_pass::{self, ChainOutcome, Completion, PassReport, QueueContext, Retry};
+use crate::queue_server::QueueServer;
 
 /// Why a device interrupts the driver (virtio 1.2 §2.3 / §4.1.4.5 ISR bits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -264,6 +265,14 @@ pub trait VirtioDevice<M = GuestMemoryMmap>: Send {
     /// per queue, for the notify worker to serve (see [`crate::events`]) and drops them at
     /// reset. The default declares none.
     fn event_sources(&self) -> Vec<EventSource> {
+        Vec::new()
+    }
+
+    /// Queues the device serves apart from the transport lock (see [`crate::queue_server`]),
+    /// asked once right after a successful [`Self::activate`] (take each queue out with
+    /// [`Activation::take_queue`]). Notifications of these queues go to their server instead
+    /// of [`Self::queue_notify`]. The default serves none apart.
+    fn queue_servers(&mut self) -> Vec<(u16, Box<dyn QueueServer>)> {
         Vec::new()
     }
 

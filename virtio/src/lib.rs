@@ -27,6 +27,7 @@ pub mod mmio;
 pub mod notify;
 pub mod pci;
 pub mod queue_pass;
+pub mod queue_server;
 pub mod rng;
 pub mod spec;
 #[cfg(any(test, feature = "test-utils"))]
@@ -48,5 +49,7 @@ mod pci_intx_tests;
 mod pci_tests;
 #[cfg(test)]
 mod queue_pass_tests;
+#[cfg(test)]
+mod queue_server_tests;
 #[cfg(test)]
 mod tests;

@@ -7,7 +7,7 @@
 //! vmkit-devices (`KvmIrqRouter::attach_msix`); the transports then use them automatically.
 //!
 //! ```no_run
-//! use std::sync::{Arc, Mutex};
+//! use std::sync::{Arc, Condvar, Mutex, PoisonError};
 //! use vmkit_virtio::notify::{NotifyWorker, register_ioeventfds};
 //! # fn f(vm: &kvm_ioctls::VmFd, t: Arc<Mutex<vmkit_virtio::pci::VirtioPciTransport<vmkit_virtio::rng::Rng>>>) -> Result<(), Box<dyn std::error::Error>> {
 //! let bar = t.lock().unwrap().bar_address().unwrap_or(0);
@@ -19,7 +19,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
@@ -28,10 +28,11 @@ use vm_memory::GuestMemory;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::device::VirtioDevice;
+use crate::device::{DeviceError, VirtioDevice};
 use crate::events::{DeviceEvents, EventAction, EventPoller};
 use crate::mmio::MmioTransport;
 use crate::pci::VirtioPciTransport;
+use crate::queue_server::{QueueServers, ServeOutcome};
 
 /// Errors setting up notification paths.
 #[derive(Debug, Error)]
@@ -70,6 +71,15 @@ pub trait QueueNotify: Send {
     fn device_events(&self) -> Option<Arc<DeviceEvents>> {
         None
     }
+
+    /// The queues the device serves apart from the transport lock; a [`NotifyWorker`] runs
+    /// each on a thread of its own (see [`crate::queue_server`]). The default has none.
+    fn queue_servers(&self) -> Option<Arc<QueueServers>> {
+        None
+    }
+
+    /// A queue server of activation `epoch` failed while the worker ran it.
+    fn server_error(&mut self, _epoch: u64, _error: DeviceError) {}
 }
 
 impl<D, M> QueueNotify for MmioTransport<D, M>
@@ -89,6 +99,12 @@ where
     fn device_events(&self) -> Option<Arc<DeviceEvents>> {
         self.core().device_events()
     }
+    fn queue_servers(&self) -> Option<Arc<QueueServers>> {
+        Some(self.core().queue_servers())
+    }
+    fn server_error(&mut self, epoch: u64, error: DeviceError) {
+        self.core_mut().server_error(epoch, error)
+    }
 }
 
 impl<D, M> QueueNotify for VirtioPciTransport<D, M>
@@ -107,6 +123,12 @@ where
     }
     fn device_events(&self) -> Option<Arc<DeviceEvents>> {
         self.core().device_events()
+    }
+    fn queue_servers(&self) -> Option<Arc<QueueServers>> {
+        Some(self.core().queue_servers())
+    }
+    fn server_error(&mut self, epoch: u64, error: DeviceError) {
+        self.core_mut().server_error(epoch, error)
     }
 }
 
@@ -286,17 +308,20 @@ impl NotifyWorker {
             .map_err(NotifyError::Io)?;
         // The device's own events: served from the transport's registry, which follows
         // activation and reset.
-        let registry = target
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .device_events();
+        let (registry, servers) = {
+            let t = target.lock().unwrap_or_else(|e| e.into_inner());
+            (t.device_events(), t.queue_servers())
+        };
         let poller = registry
             .map(|r| EventPoller::new(r, &epoll, DEVICE_EVENT_BASE))
             .transpose()
             .map_err(NotifyError::Io)?;
         let thread = std::thread::Builder::new()
             .name("virtio-notify".into())
-            .spawn(move || serve(epoll, fds, wakeups, poller, target))
+            .spawn(move || {
+                let runners = Runners::new(servers, target.clone());
+                serve(epoll, fds, wakeups, poller, runners, target)
+            })
             .map_err(NotifyError::Io)?;
         Ok(Self {
             stop,
@@ -324,11 +349,12 @@ impl Drop for NotifyWorker {
     }
 }
 
-fn serve<T: QueueNotify>(
+fn serve<T: QueueNotify + 'static>(
     epoll: Epoll,
     fds: Vec<QueueEventFd>,
     wakeups: Vec<(u16, EventFd)>,
     mut poller: Option<EventPoller>,
+    mut runners: Runners<T>,
     target: Arc<Mutex<T>>,
 ) -> Vec<QueueEventFd> {
     let mut events = vec![EpollEvent::default(); fds.len() + wakeups.len() + 2];
@@ -358,12 +384,13 @@ fn serve<T: QueueNotify>(
                     }
                     None => None,
                 };
-                if let Some(action) = action {
-                    let mut t = target.lock().unwrap_or_else(|e| e.into_inner());
-                    match action {
-                        EventAction::Queue(q) => t.wake_queue(q),
-                        EventAction::Device(token) => t.device_event(token),
-                    }
+                match action {
+                    Some(EventAction::Queue(q)) => runners.deliver(q, true),
+                    Some(EventAction::Device(token)) => target
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .device_event(token),
+                    None => {}
                 }
                 continue;
             }
@@ -378,13 +405,127 @@ fn serve<T: QueueNotify>(
             };
             // Coalesced kicks read as one count; one pass over the queue serves them all.
             if fd.read().is_ok() {
-                let mut t = target.lock().unwrap_or_else(|e| e.into_inner());
-                if wake {
-                    t.wake_queue(queue);
-                } else {
-                    t.notify_queue(queue);
-                }
+                runners.deliver(queue, wake);
             }
+        }
+    }
+}
+
+/// Whether a queue's runner has work, or must stop.
+#[derive(Default)]
+struct RunnerState {
+    pending: bool,
+    stop: bool,
+}
+
+/// A thread that runs one served queue whenever it is kicked (kicks coalesce).
+struct QueueRunner {
+    state: Arc<(Mutex<RunnerState>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl QueueRunner {
+    fn spawn<T: QueueNotify + 'static>(
+        q: u16,
+        servers: Arc<QueueServers>,
+        target: Arc<Mutex<T>>,
+    ) -> io::Result<Self> {
+        let state = Arc::new((Mutex::new(RunnerState::default()), Condvar::new()));
+        let st = state.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("virtio-queue-{q}"))
+            .spawn(move || {
+                loop {
+                    {
+                        let (m, cv) = &*st;
+                        let mut g = m.lock().unwrap_or_else(PoisonError::into_inner);
+                        while !g.pending && !g.stop {
+                            g = cv.wait(g).unwrap_or_else(PoisonError::into_inner);
+                        }
+                        if g.stop {
+                            return;
+                        }
+                        g.pending = false;
+                    }
+                    match servers.run(q) {
+                        ServeOutcome::Done => {}
+                        ServeOutcome::Failed { epoch, error } => target
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .server_error(epoch, error),
+                        // Reset since the kick: the device's own path decides (uncounted).
+                        ServeOutcome::NotServed => target
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .wake_queue(q),
+                    }
+                }
+            })?;
+        Ok(Self {
+            state,
+            thread: Some(thread),
+        })
+    }
+
+    fn kick(&self) {
+        let (m, cv) = &*self.state;
+        m.lock().unwrap_or_else(PoisonError::into_inner).pending = true;
+        cv.notify_one();
+    }
+}
+
+impl Drop for QueueRunner {
+    fn drop(&mut self) {
+        let (m, cv) = &*self.state;
+        m.lock().unwrap_or_else(PoisonError::into_inner).stop = true;
+        cv.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Where the worker delivers a queue's kick: its runner thread when the device serves the
+/// queue apart, the transport (under its lock) otherwise.
+struct Runners<T> {
+    servers: Option<Arc<QueueServers>>,
+    runners: Vec<Option<QueueRunner>>,
+    target: Arc<Mutex<T>>,
+}
+
+impl<T: QueueNotify + 'static> Runners<T> {
+    fn new(servers: Option<Arc<QueueServers>>, target: Arc<Mutex<T>>) -> Self {
+        let n = servers.as_ref().map_or(0, |s| s.len());
+        Self {
+            servers,
+            runners: (0..n).map(|_| None).collect(),
+            target,
+        }
+    }
+
+    /// A doorbell (`wake == false`) or the device's own event for queue `q`.
+    fn deliver(&mut self, q: u16, wake: bool) {
+        if let Some(servers) = self.servers.as_ref().filter(|s| s.serves(q))
+            && let Some(slot) = self.runners.get_mut(q as usize)
+        {
+            if slot.is_none() {
+                // A thread per served queue, started at its first kick; if that fails the
+                // queue runs on this thread (through the transport) instead.
+                *slot = QueueRunner::spawn(q, servers.clone(), self.target.clone()).ok();
+            }
+            if let Some(r) = slot {
+                if !wake {
+                    servers.count_notify();
+                }
+                r.kick();
+                return;
+            }
+        }
+        let mut t = self.target.lock().unwrap_or_else(PoisonError::into_inner);
+        if wake {
+            t.wake_queue(q);
+        } else {
+            t.notify_queue(q);
         }
     }
 }
