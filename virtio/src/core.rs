@@ -11,6 +11,7 @@ use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use crate::device::{Activation, DeviceError, InterruptCause, VirtioDevice, VirtioInterrupt};
 use crate::events::{DeviceEvents, RetryTimer};
+use crate::persist::{CoreState, QueueSnapshot, StateError};
 use crate::queue_server::{QueueServers, ServeOutcome};
 use crate::spec::*;
 
@@ -388,6 +389,94 @@ where
         self.queue_select = 0;
         self.queues = Self::fresh_queues(&self.device);
         self.metrics.resets += 1;
+    }
+
+    /// The transport-independent state (see [`crate::persist`]): take it from a quiescent
+    /// device (nothing in flight). The queue positions of an active device are read from
+    /// each ready queue's used ring.
+    pub fn save(&self) -> CoreState {
+        let queues = self
+            .queues
+            .iter()
+            .map(|q| {
+                let mut snap = QueueSnapshot::from(q);
+                if self.activated
+                    && q.ready()
+                    && let Ok(idx) = q.used_idx(&self.mem, Ordering::Acquire)
+                {
+                    // Quiescent: every chain taken is on the used ring.
+                    snap.next_used = idx.0;
+                    snap.next_avail = idx.0;
+                }
+                snap
+            })
+            .collect();
+        CoreState {
+            status: self.status,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            driver_features: self.driver_features,
+            queue_select: self.queue_select,
+            queues,
+            config_generation: self.config_generation(),
+            activated: self.activated,
+        }
+    }
+
+    /// Restore `state` into this core, which must be fresh (never activated) around a freshly
+    /// built device of the same kind; a state saved while active activates the device.
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::Mismatch`] when the state does not fit the device (queue count or sizes,
+    /// unoffered features) or the restored activation fails; [`StateError::Queue`] for an
+    /// invalid queue. The core is left reset on error.
+    pub fn restore(&mut self, state: &CoreState) -> Result<(), StateError> {
+        let r = self.try_restore(state);
+        if r.is_err() {
+            self.reset();
+        }
+        r
+    }
+
+    fn try_restore(&mut self, state: &CoreState) -> Result<(), StateError> {
+        if self.activated {
+            return Err(StateError::Mismatch("core already active"));
+        }
+        let maxes = self.device.queue_max_sizes();
+        if state.queues.len() != maxes.len()
+            || state
+                .queues
+                .iter()
+                .zip(maxes)
+                .any(|(q, &m)| q.max_size != m)
+        {
+            return Err(StateError::Mismatch("queue count or sizes"));
+        }
+        if state.driver_features & !self.device.device_features() != 0 {
+            return Err(StateError::Mismatch("unoffered features"));
+        }
+        let queues = state
+            .queues
+            .iter()
+            .map(QueueSnapshot::to_queue)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.status = state.status;
+        self.device_features_select = state.device_features_select;
+        self.driver_features_select = state.driver_features_select;
+        self.driver_features = state.driver_features;
+        self.unknown_features = false;
+        self.queue_select = state.queue_select;
+        self.queues = queues;
+        self.generation
+            .store(state.config_generation, Ordering::Release);
+        if state.activated {
+            self.activate();
+            if !self.activated {
+                return Err(StateError::Mismatch("the restored activation failed"));
+            }
+        }
+        Ok(())
     }
 
     /// Number of queues.

@@ -26,6 +26,7 @@ pub mod memory;
 pub mod mmio;
 pub mod notify;
 pub mod pci;
+pub mod persist;
 pub mod queue_pass;
 pub mod queue_server;
 pub mod rng;
@@ -47,6 +48,8 @@ mod pci_cfg_tests;
 mod pci_intx_tests;
 #[cfg(test)]
 mod pci_tests;
+#[cfg(test)]
+mod persist_tests;
 #[cfg(test)]
 mod queue_pass_tests;
 #[cfg(test)]

@@ -17,6 +17,7 @@ use vmkit_devices::{InterruptSource, MutBusDevice};
 
 use crate::core::{Ring, TransportCore, TransportMetrics};
 use crate::device::{InterruptCause, VirtioDevice, VirtioInterrupt};
+use crate::persist::{MmioTransportState, StateError};
 use crate::spec::*;
 
 /// Size of the register window of one virtio-mmio device.
@@ -189,6 +190,26 @@ where
             core: TransportCore::new(device, mem, Arc::new(irq)),
             interrupt_status,
         }
+    }
+
+    /// The transport state (see [`crate::persist`]); take it from a quiescent device.
+    pub fn save(&self) -> MmioTransportState {
+        MmioTransportState {
+            core: self.core.save(),
+            interrupt_status: self.interrupt_status.load(Ordering::Acquire),
+        }
+    }
+
+    /// Restore `state` into this fresh transport (around a freshly built device).
+    ///
+    /// # Errors
+    ///
+    /// See [`TransportCore::restore`].
+    pub fn restore(&mut self, state: &MmioTransportState) -> Result<(), StateError> {
+        self.core.restore(&state.core)?;
+        self.interrupt_status
+            .store(state.interrupt_status, Ordering::Release);
+        Ok(())
     }
 
     /// The shared transport core (status, features, queues, device).

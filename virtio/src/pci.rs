@@ -65,6 +65,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::core::{Ring, TransportCore, TransportMetrics};
 use crate::device::{InterruptCause, VirtioDevice, VirtioInterrupt};
 use crate::intx::Intx;
+use crate::persist::{PciTransportState, StateError};
 use crate::spec::*;
 
 /// The BAR holding all virtio structures and the MSI-X table.
@@ -456,6 +457,56 @@ where
     /// The ISR status byte, without the read-clears side effect of a driver read.
     pub fn isr_status(&self) -> u8 {
         self.intx.peek_isr()
+    }
+
+    /// The transport state (see [`crate::persist`]): core, configuration space, MSI-X and the
+    /// virtio vector assignments. Take it from a quiescent device.
+    pub fn save(&self) -> PciTransportState {
+        PciTransportState {
+            core: self.core.save(),
+            config_space: self.cfg.state(),
+            msix: self.msix.state(),
+            config_vector: self.vectors.config.load(Ordering::Acquire),
+            queue_vectors: self
+                .vectors
+                .queues
+                .iter()
+                .map(|v| v.load(Ordering::Acquire))
+                .collect(),
+        }
+    }
+
+    /// Restore `state` into this fresh transport (around a freshly built device with the same
+    /// MSI-X layout): configuration space first (BARs — bound doorbells follow them —, command
+    /// register, MSI-X enable), the MSI-X table and PBA, the vector assignments, then the core
+    /// (which activates the device if it was active).
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::Pci`] for a configuration space or MSI-X state that does not fit,
+    /// [`StateError::Mismatch`] for a vector count that differs, and see
+    /// [`TransportCore::restore`].
+    pub fn restore(&mut self, state: &PciTransportState) -> Result<(), StateError> {
+        if state.queue_vectors.len() != self.vectors.queues.len() {
+            return Err(StateError::Mismatch("queue vector count"));
+        }
+        self.cfg
+            .restore(&state.config_space)
+            .map_err(StateError::Pci)?;
+        self.msix.restore(&state.msix).map_err(StateError::Pci)?;
+        let valid = |v: u16| self.valid_vector(v);
+        self.vectors
+            .config
+            .store(valid(state.config_vector), Ordering::Release);
+        for (slot, &v) in self.vectors.queues.iter().zip(&state.queue_vectors) {
+            slot.store(valid(v), Ordering::Release);
+        }
+        self.sync_intx();
+        let now = self.bar_address();
+        if let Some(b) = self.doorbells.as_mut() {
+            b.rebind(now);
+        }
+        self.core.restore(&state.core)
     }
 
     /// The shared transport core.

@@ -193,6 +193,26 @@ impl<D: VirtioDevice> DriverHarness<D> {
         &self.transport
     }
 
+    /// Restore the transport state `state` (saved from this harness's transport, e.g. after a
+    /// serde round trip) into a fresh transport around `device`, on the same guest memory,
+    /// keeping the driver side (queue layout, next descriptor, used entries seen): the driver
+    /// goes on as if nothing happened.
+    ///
+    /// # Errors
+    ///
+    /// The state does not fit `device` (see `TransportCore::restore`).
+    pub fn resume<D2: VirtioDevice>(
+        &self,
+        device: D2,
+        state: &crate::persist::MmioTransportState,
+    ) -> Result<DriverHarness<D2>, crate::persist::StateError> {
+        let mut h = DriverHarness::with_memory(device, self.mem.clone());
+        h.transport.restore(state)?;
+        h.queues = self.queues.clone();
+        h.next_buffer = self.next_buffer;
+        Ok(h)
+    }
+
     /// Give up the harness and keep the transport (e.g. to hand it to a `NotifyWorker`).
     pub fn into_transport(self) -> MmioTransport<D> {
         self.transport
