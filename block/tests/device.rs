@@ -367,6 +367,7 @@ fn rate_limited_device_resumes_after_retry() {
             bandwidth: Some(BucketConfig {
                 rate: 1 << 20,
                 capacity: 8192,
+                one_time_burst: 0,
             }),
             ops: None,
         },
@@ -407,6 +408,7 @@ fn throttled_queue_resumes_without_a_kick() {
             bandwidth: Some(BucketConfig {
                 rate: 1 << 20,
                 capacity: 8192,
+                one_time_burst: 0,
             }),
             ops: None,
         },
@@ -450,6 +452,7 @@ fn rate_limiter_updates_at_run_time() {
         ops: Some(BucketConfig {
             rate: 1,
             capacity: 1,
+            one_time_burst: 0,
         }),
     };
     let cfg = BlockConfig {

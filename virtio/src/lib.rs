@@ -29,6 +29,7 @@ pub mod pci;
 pub mod persist;
 pub mod queue_pass;
 pub mod queue_server;
+pub mod rate_limiter;
 pub mod rng;
 pub mod spec;
 #[cfg(any(test, feature = "test-utils"))]
