@@ -19,6 +19,7 @@
 #![deny(missing_docs)]
 
 mod core;
+pub mod counters;
 pub mod device;
 pub mod events;
 mod intx;
