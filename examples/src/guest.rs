@@ -73,32 +73,35 @@ pub const VIRTQ_DESC_F_NEXT: u16 = 1;
 /// `VIRTQ_DESC_F_WRITE`: the device writes this buffer.
 pub const VIRTQ_DESC_F_WRITE: u16 = 2;
 
-/// Offsets of `struct virtio_pci_common_cfg` fields (virtio 1.2 §4.1.4.3).
+/// Offsets of `struct virtio_pci_common_cfg` fields (virtio 1.2 §4.1.4.3) as displacements
+/// for guest code: vmkit-virtio's `spec::common_cfg` (defined once there), as `i32`.
 pub mod common_cfg {
+    use vmkit_virtio::spec::common_cfg as cc;
+
     /// `le32 device_feature_select`.
-    pub const DEVICE_FEATURE_SELECT: i32 = 0x00;
+    pub const DEVICE_FEATURE_SELECT: i32 = cc::VIRTIO_PCI_COMMON_DFSELECT as i32;
     /// `le32 device_feature`.
-    pub const DEVICE_FEATURE: i32 = 0x04;
+    pub const DEVICE_FEATURE: i32 = cc::VIRTIO_PCI_COMMON_DF as i32;
     /// `le32 driver_feature_select`.
-    pub const DRIVER_FEATURE_SELECT: i32 = 0x08;
+    pub const DRIVER_FEATURE_SELECT: i32 = cc::VIRTIO_PCI_COMMON_GFSELECT as i32;
     /// `le32 driver_feature`.
-    pub const DRIVER_FEATURE: i32 = 0x0c;
+    pub const DRIVER_FEATURE: i32 = cc::VIRTIO_PCI_COMMON_GF as i32;
     /// `u8 device_status`.
-    pub const DEVICE_STATUS: i32 = 0x14;
+    pub const DEVICE_STATUS: i32 = cc::VIRTIO_PCI_COMMON_STATUS as i32;
     /// `le16 queue_select`.
-    pub const QUEUE_SELECT: i32 = 0x16;
+    pub const QUEUE_SELECT: i32 = cc::VIRTIO_PCI_COMMON_Q_SELECT as i32;
     /// `le16 queue_size`.
-    pub const QUEUE_SIZE: i32 = 0x18;
+    pub const QUEUE_SIZE: i32 = cc::VIRTIO_PCI_COMMON_Q_SIZE as i32;
     /// `le16 queue_msix_vector`.
-    pub const QUEUE_MSIX_VECTOR: i32 = 0x1a;
+    pub const QUEUE_MSIX_VECTOR: i32 = cc::VIRTIO_PCI_COMMON_Q_MSIX as i32;
     /// `le16 queue_enable`.
-    pub const QUEUE_ENABLE: i32 = 0x1c;
+    pub const QUEUE_ENABLE: i32 = cc::VIRTIO_PCI_COMMON_Q_ENABLE as i32;
     /// `le64 queue_desc`.
-    pub const QUEUE_DESC: i32 = 0x20;
+    pub const QUEUE_DESC: i32 = cc::VIRTIO_PCI_COMMON_Q_DESCLO as i32;
     /// `le64 queue_driver`.
-    pub const QUEUE_DRIVER: i32 = 0x28;
+    pub const QUEUE_DRIVER: i32 = cc::VIRTIO_PCI_COMMON_Q_AVAILLO as i32;
     /// `le64 queue_device`.
-    pub const QUEUE_DEVICE: i32 = 0x30;
+    pub const QUEUE_DEVICE: i32 = cc::VIRTIO_PCI_COMMON_Q_USEDLO as i32;
 }
 
 /// A 64-bit guest program under construction, with the shared helpers.

@@ -331,22 +331,36 @@ fn kvm_doorbell_ioeventfd_follows_bar_relocation() {
 /// `msix_vector` when given), DRIVER_OK; then descriptor 0 as a 16-byte device-writable buffer
 /// at BUF (not yet published).
 fn bring_up_rng_queue(a: &mut CodeAssembler, msix_vector: Option<u16>) -> Result<(), IcedError> {
-    a.mov(byte_ptr(rsi + 0x14), 1u32)?; // ACKNOWLEDGE
-    a.mov(byte_ptr(rsi + 0x14), 3u32)?; // DRIVER
-    a.mov(dword_ptr(rsi + 0x08), 1u32)?; // driver_feature_select = 1
-    a.mov(dword_ptr(rsi + 0x0c), 1u32)?; // VIRTIO_F_VERSION_1
-    a.mov(byte_ptr(rsi + 0x14), 0xbu32)?; // FEATURES_OK
-    a.mov(word_ptr(rsi + 0x16), 0u32)?; // queue_select
-    a.mov(word_ptr(rsi + 0x18), 16u32)?; // queue_size
-    for (off, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
-        a.mov(dword_ptr(rsi + off), addr as u32)?;
-        a.mov(dword_ptr(rsi + off + 4), 0u32)?;
+    use crate::spec::common_cfg::*;
+    use crate::spec::{STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK};
+    // Field offsets as displacements off `rsi` (all below 0x40).
+    let at = |off: u64| rsi + off as i32;
+    let status = |s: u8| u32::from(s);
+    let (ack, drv) = (STATUS_ACKNOWLEDGE, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    let fok = drv | STATUS_FEATURES_OK;
+    a.mov(byte_ptr(at(VIRTIO_PCI_COMMON_STATUS)), status(ack))?;
+    a.mov(byte_ptr(at(VIRTIO_PCI_COMMON_STATUS)), status(drv))?;
+    a.mov(dword_ptr(at(VIRTIO_PCI_COMMON_GFSELECT)), 1u32)?; // bits 32..63
+    a.mov(dword_ptr(at(VIRTIO_PCI_COMMON_GF)), 1u32)?; // VIRTIO_F_VERSION_1
+    a.mov(byte_ptr(at(VIRTIO_PCI_COMMON_STATUS)), status(fok))?;
+    a.mov(word_ptr(at(VIRTIO_PCI_COMMON_Q_SELECT)), 0u32)?;
+    a.mov(word_ptr(at(VIRTIO_PCI_COMMON_Q_SIZE)), 16u32)?;
+    for (off, addr) in [
+        (VIRTIO_PCI_COMMON_Q_DESCLO, DESC),
+        (VIRTIO_PCI_COMMON_Q_AVAILLO, AVAIL),
+        (VIRTIO_PCI_COMMON_Q_USEDLO, USED),
+    ] {
+        a.mov(dword_ptr(at(off)), addr as u32)?;
+        a.mov(dword_ptr(at(off + 4)), 0u32)?;
     }
     if let Some(v) = msix_vector {
-        a.mov(word_ptr(rsi + 0x1a), u32::from(v))?; // queue_msix_vector
+        a.mov(word_ptr(at(VIRTIO_PCI_COMMON_Q_MSIX)), u32::from(v))?;
     }
-    a.mov(word_ptr(rsi + 0x1c), 1u32)?; // queue_enable
-    a.mov(byte_ptr(rsi + 0x14), 0xfu32)?; // DRIVER_OK
+    a.mov(word_ptr(at(VIRTIO_PCI_COMMON_Q_ENABLE)), 1u32)?;
+    a.mov(
+        byte_ptr(at(VIRTIO_PCI_COMMON_STATUS)),
+        status(fok | STATUS_DRIVER_OK),
+    )?;
     a.mov(rdi, DESC)?;
     a.mov(rax, BUF)?;
     a.mov(qword_ptr(rdi), rax)?;

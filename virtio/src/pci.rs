@@ -66,6 +66,7 @@ use crate::core::{Ring, TransportCore, TransportMetrics};
 use crate::device::{InterruptCause, VirtioDevice, VirtioInterrupt};
 use crate::intx::Intx;
 use crate::persist::{PciTransportState, StateError};
+use crate::spec::common_cfg::*;
 use crate::spec::*;
 
 /// The BAR holding all virtio structures and the MSI-X table.
@@ -75,7 +76,12 @@ pub const VIRTIO_PCI_BAR_SIZE: u64 = 0x8000;
 /// Offset of the common configuration structure.
 pub const COMMON_CFG_OFFSET: u64 = 0x0000;
 /// Length of the common configuration structure (virtio 1.2 §4.1.4.3, up to `queue_reset`).
-pub const COMMON_CFG_LEN: u64 = 0x3c;
+pub const COMMON_CFG_LEN: u64 = VIRTIO_PCI_COMMON_CFG_LEN;
+
+/// Last byte of each 64-bit ring address field (its high half starts 4 bytes in).
+const VIRTIO_PCI_COMMON_Q_DESCHI_END: u64 = VIRTIO_PCI_COMMON_Q_DESCHI + 3;
+const VIRTIO_PCI_COMMON_Q_AVAILHI_END: u64 = VIRTIO_PCI_COMMON_Q_AVAILHI + 3;
+const VIRTIO_PCI_COMMON_Q_USEDHI_END: u64 = VIRTIO_PCI_COMMON_Q_USEDHI + 3;
 /// Offset of the ISR status byte.
 pub const ISR_CFG_OFFSET: u64 = 0x1000;
 /// Offset of the device configuration.
@@ -191,24 +197,30 @@ impl CommonCfgField {
             _ => Err(err),
         };
         let (field, width) = match offset {
-            0x00 => (DeviceFeatureSelect, 4),
-            0x04 => (DeviceFeature, 4),
-            0x08 => (DriverFeatureSelect, 4),
-            0x0c => (DriverFeature, 4),
-            0x10 => (ConfigMsixVector, 2),
-            0x12 => (NumQueues, 2),
-            0x14 => (DeviceStatus, 1),
-            0x15 => (ConfigGeneration, 1),
-            0x16 => (QueueSelect, 2),
-            0x18 => (QueueSize, 2),
-            0x1a => (QueueMsixVector, 2),
-            0x1c => (QueueEnable, 2),
-            0x1e => (QueueNotifyOff, 2),
-            0x20..=0x27 => return addr(Ring::Descriptors, 0x20),
-            0x28..=0x2f => return addr(Ring::Driver, 0x28),
-            0x30..=0x37 => return addr(Ring::Device, 0x30),
-            0x38 => (QueueNotifyData, 2),
-            0x3a => (QueueReset, 2),
+            VIRTIO_PCI_COMMON_DFSELECT => (DeviceFeatureSelect, 4),
+            VIRTIO_PCI_COMMON_DF => (DeviceFeature, 4),
+            VIRTIO_PCI_COMMON_GFSELECT => (DriverFeatureSelect, 4),
+            VIRTIO_PCI_COMMON_GF => (DriverFeature, 4),
+            VIRTIO_PCI_COMMON_MSIX => (ConfigMsixVector, 2),
+            VIRTIO_PCI_COMMON_NUMQ => (NumQueues, 2),
+            VIRTIO_PCI_COMMON_STATUS => (DeviceStatus, 1),
+            VIRTIO_PCI_COMMON_CFGGENERATION => (ConfigGeneration, 1),
+            VIRTIO_PCI_COMMON_Q_SELECT => (QueueSelect, 2),
+            VIRTIO_PCI_COMMON_Q_SIZE => (QueueSize, 2),
+            VIRTIO_PCI_COMMON_Q_MSIX => (QueueMsixVector, 2),
+            VIRTIO_PCI_COMMON_Q_ENABLE => (QueueEnable, 2),
+            VIRTIO_PCI_COMMON_Q_NOFF => (QueueNotifyOff, 2),
+            VIRTIO_PCI_COMMON_Q_DESCLO..=VIRTIO_PCI_COMMON_Q_DESCHI_END => {
+                return addr(Ring::Descriptors, VIRTIO_PCI_COMMON_Q_DESCLO);
+            }
+            VIRTIO_PCI_COMMON_Q_AVAILLO..=VIRTIO_PCI_COMMON_Q_AVAILHI_END => {
+                return addr(Ring::Driver, VIRTIO_PCI_COMMON_Q_AVAILLO);
+            }
+            VIRTIO_PCI_COMMON_Q_USEDLO..=VIRTIO_PCI_COMMON_Q_USEDHI_END => {
+                return addr(Ring::Device, VIRTIO_PCI_COMMON_Q_USEDLO);
+            }
+            VIRTIO_PCI_COMMON_Q_NDATA => (QueueNotifyData, 2),
+            VIRTIO_PCI_COMMON_Q_RESET => (QueueReset, 2),
             _ => return Err(err),
         };
         if len != width {
