@@ -19,7 +19,8 @@ use vmkit_devices::{IoBuses, IrqLine};
 use vmkit_vcpu::test_utils::{CODE_ADDR, DATA_ADDR, HarnessError, TinyGuest};
 use vmkit_vcpu::{ExitStats, KvmVcpu, KvmVm, RunOutcome, StopHandle};
 
-use crate::notify::{DoorbellBinding, NotifyWorker, register_ioeventfds};
+use crate::doorbell::DoorbellBinding;
+use crate::notify::{NotifyWorker, register_ioeventfds};
 use crate::pci::{ISR_CFG_OFFSET, MSIX_TABLE_OFFSET, NOTIFY_CFG_OFFSET, VirtioPciTransport};
 use crate::rng::Rng;
 
@@ -454,10 +455,19 @@ fn msix_rng_guest(relocate_to: Option<u64>) {
     // The guest will put BAR 0 at BAR: register the doorbell ioeventfd there.
     let doorbells = f.lock().unwrap().notify_addresses(BAR);
     let fds = register_ioeventfds(vm.fd(), &doorbells).unwrap();
-    if relocate_to.is_some() {
-        let binding = DoorbellBinding::new(dup_vm_fd(&vm).unwrap(), &fds, BAR).unwrap();
-        f.lock().unwrap().bind_doorbells(binding);
-    }
+    // The binding observes the root bus: a BAR move is its event.
+    let rid = vmkit_devices::pci::RequesterId::new(0, DEV as u8, 0).unwrap();
+    let binding = Arc::new(
+        DoorbellBinding::new(
+            dup_vm_fd(&vm).unwrap(),
+            rid,
+            crate::pci::VIRTIO_PCI_BAR,
+            &fds,
+            BAR,
+        )
+        .unwrap(),
+    );
+    root.observe(binding.clone());
     let worker = NotifyWorker::spawn(f.clone(), fds).unwrap();
 
     let mut stats = ExitStats::default();
@@ -467,10 +477,8 @@ fn msix_rng_guest(relocate_to: Option<u64>) {
     let m = t.metrics();
     assert_eq!(r, RunOutcome::Stopped(1), "{m:?} {:?}", msix.stats());
     assert_eq!((m.notifies, m.trapped_notifies), (1, 0), "{m:?}");
-    if let Some(to) = relocate_to {
-        let b = t.doorbells().expect("bound doorbells");
-        assert_eq!((b.base(), b.failures()), (Some(to), 0));
-    }
+    let want = relocate_to.unwrap_or(BAR);
+    assert_eq!((binding.base(), binding.failures()), (Some(want), 0));
     assert_eq!(m.bad_register_accesses, 0);
     assert_eq!(msix.stats().delivered, 1);
     assert_eq!(t.device().metrics().bytes, 16);

@@ -21,6 +21,7 @@
 mod core;
 pub mod counters;
 pub mod device;
+pub mod doorbell;
 pub mod events;
 mod intx;
 pub mod memory;

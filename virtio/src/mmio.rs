@@ -346,3 +346,29 @@ where
         }
     }
 }
+
+// Notifications from the notify worker (ioeventfds, wake-ups, device events, queue servers).
+impl<D, M> crate::notify::QueueNotify for MmioTransport<D, M>
+where
+    D: VirtioDevice<M>,
+    M: GuestMemory + Clone + Send + Sync + 'static,
+{
+    fn notify_queue(&mut self, index: u16) {
+        MmioTransport::notify_queue(self, index)
+    }
+    fn wake_queue(&mut self, index: u16) {
+        MmioTransport::wake_queue(self, index)
+    }
+    fn device_event(&mut self, token: u32) {
+        self.core_mut().device_event(token)
+    }
+    fn device_events(&self) -> Option<Arc<crate::events::DeviceEvents>> {
+        self.core().device_events()
+    }
+    fn queue_servers(&self) -> Option<Arc<crate::queue_server::QueueServers>> {
+        Some(self.core().queue_servers())
+    }
+    fn server_error(&mut self, epoch: u64, error: crate::DeviceError) {
+        self.core_mut().server_error(epoch, error)
+    }
+}

@@ -24,14 +24,11 @@ use std::thread::JoinHandle;
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use thiserror::Error;
-use vm_memory::GuestMemory;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::device::{DeviceError, VirtioDevice};
+use crate::device::DeviceError;
 use crate::events::{DeviceEvents, EventAction, EventPoller};
-use crate::mmio::MmioTransport;
-use crate::pci::VirtioPciTransport;
 use crate::queue_server::{QueueServers, ServeOutcome};
 
 /// Errors setting up notification paths.
@@ -80,56 +77,6 @@ pub trait QueueNotify: Send {
 
     /// A queue server of activation `epoch` failed while the worker ran it.
     fn server_error(&mut self, _epoch: u64, _error: DeviceError) {}
-}
-
-impl<D, M> QueueNotify for MmioTransport<D, M>
-where
-    D: VirtioDevice<M>,
-    M: GuestMemory + Clone + Send + Sync + 'static,
-{
-    fn notify_queue(&mut self, index: u16) {
-        MmioTransport::notify_queue(self, index)
-    }
-    fn wake_queue(&mut self, index: u16) {
-        MmioTransport::wake_queue(self, index)
-    }
-    fn device_event(&mut self, token: u32) {
-        self.core_mut().device_event(token)
-    }
-    fn device_events(&self) -> Option<Arc<DeviceEvents>> {
-        self.core().device_events()
-    }
-    fn queue_servers(&self) -> Option<Arc<QueueServers>> {
-        Some(self.core().queue_servers())
-    }
-    fn server_error(&mut self, epoch: u64, error: DeviceError) {
-        self.core_mut().server_error(epoch, error)
-    }
-}
-
-impl<D, M> QueueNotify for VirtioPciTransport<D, M>
-where
-    D: VirtioDevice<M>,
-    M: GuestMemory + Clone + Send + Sync + 'static,
-{
-    fn notify_queue(&mut self, index: u16) {
-        VirtioPciTransport::notify_queue(self, index)
-    }
-    fn wake_queue(&mut self, index: u16) {
-        VirtioPciTransport::wake_queue(self, index)
-    }
-    fn device_event(&mut self, token: u32) {
-        self.core_mut().device_event(token)
-    }
-    fn device_events(&self) -> Option<Arc<DeviceEvents>> {
-        self.core().device_events()
-    }
-    fn queue_servers(&self) -> Option<Arc<QueueServers>> {
-        Some(self.core().queue_servers())
-    }
-    fn server_error(&mut self, epoch: u64, error: DeviceError) {
-        self.core_mut().server_error(epoch, error)
-    }
 }
 
 /// A queue's doorbell eventfd.
@@ -183,74 +130,6 @@ pub fn unregister_ioeventfds(
         })?;
     }
     Ok(())
-}
-
-/// Doorbell ioeventfds that follow their BAR.
-///
-/// Holds KVM registrations for a transport's doorbells at `base + offset` and moves them when
-/// the guest moves the BAR (or drops them while the BAR is not decoded), so kicks keep bypassing
-/// userspace after a guest reassigns BARs. The eventfds are duplicates of the ones a
-/// [`NotifyWorker`] waits on; KVM identifies an ioeventfd by its eventfd, not the fd number.
-#[derive(Debug)]
-pub struct DoorbellBinding {
-    vm: VmFd,
-    /// (offset from the BAR base, eventfd, queue).
-    doors: Vec<(u64, EventFd, u16)>,
-    base: Option<u64>,
-    failures: u64,
-}
-
-impl DoorbellBinding {
-    /// Take over `fds`, registered (by [`register_ioeventfds`], without datamatch) for a BAR at
-    /// `base`; `vm` is an owned handle to the VM fd (e.g. `vmkit_devices::kvm_irq::dup_vm_fd`).
-    pub fn new(vm: VmFd, fds: &[QueueEventFd], base: u64) -> Result<Self, NotifyError> {
-        let mut doors = Vec::with_capacity(fds.len());
-        for q in fds {
-            let offset = q.addr.checked_sub(base).ok_or(NotifyError::Ioeventfd {
-                addr: q.addr,
-                source: vmm_sys_util::errno::Error::new(libc::EINVAL),
-            })?;
-            doors.push((offset, q.fd.try_clone().map_err(NotifyError::Io)?, q.queue));
-        }
-        Ok(Self {
-            vm,
-            doors,
-            base: Some(base),
-            failures: 0,
-        })
-    }
-
-    /// Where the doorbells are registered now (`None` while the BAR is not decoded).
-    pub fn base(&self) -> Option<u64> {
-        self.base
-    }
-
-    /// Registrations that could not be moved (those doorbells then trap, which still works).
-    pub fn failures(&self) -> u64 {
-        self.failures
-    }
-
-    /// Move the registrations to a BAR at `base` (`None`: unregister them).
-    pub fn rebind(&mut self, base: Option<u64>) {
-        if base == self.base {
-            return;
-        }
-        for (offset, fd, _) in &self.doors {
-            if let Some(old) = self.base {
-                let a = IoEventAddress::Mmio(old + offset);
-                if self.vm.unregister_ioevent(fd, &a, NoDatamatch).is_err() {
-                    self.failures += 1;
-                }
-            }
-            if let Some(new) = base {
-                let a = IoEventAddress::Mmio(new.wrapping_add(*offset));
-                if self.vm.register_ioevent(fd, &a, NoDatamatch).is_err() {
-                    self.failures += 1;
-                }
-            }
-        }
-        self.base = base;
-    }
 }
 
 const STOP_TOKEN: u64 = u64::MAX;

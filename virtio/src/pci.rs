@@ -313,7 +313,6 @@ pub struct VirtioPciTransport<D, M = GuestMemoryMmap> {
     msix: Msix,
     intx: Arc<Intx>,
     vectors: Arc<Vectors>,
-    doorbells: Option<crate::notify::DoorbellBinding>,
     /// Where the `VIRTIO_PCI_CAP_PCI_CFG` capability is in configuration space.
     pci_cfg_cap: u16,
 }
@@ -407,7 +406,6 @@ where
             msix,
             intx,
             vectors,
-            doorbells: None,
             pci_cfg_cap,
         })
     }
@@ -489,9 +487,11 @@ where
     }
 
     /// Restore `state` into this fresh transport (around a freshly built device with the same
-    /// MSI-X layout): configuration space first (BARs — bound doorbells follow them —, command
+    /// MSI-X layout): configuration space first (BARs, command
     /// register, MSI-X enable), the MSI-X table and PBA, the vector assignments, then the core
-    /// (which activates the device if it was active).
+    /// (which activates the device if it was active). Then call the root's
+    /// `PciRoot::resync` for the function so its BARs (and their observers, such as a
+    /// doorbell binding) follow the restored configuration space.
     ///
     /// # Errors
     ///
@@ -514,10 +514,6 @@ where
             slot.store(valid(v), Ordering::Release);
         }
         self.sync_intx();
-        let now = self.bar_address();
-        if let Some(b) = self.doorbells.as_mut() {
-            b.rebind(now);
-        }
         self.core.restore(&state.core)
     }
 
@@ -566,17 +562,6 @@ where
                 (bar_base + off, None, q)
             })
             .collect()
-    }
-
-    /// Hand the transport its doorbell ioeventfds so they follow BAR 0 when the guest moves it
-    /// (see [`crate::notify::DoorbellBinding`]).
-    pub fn bind_doorbells(&mut self, binding: crate::notify::DoorbellBinding) {
-        self.doorbells = Some(binding);
-    }
-
-    /// The bound doorbell ioeventfds, if any.
-    pub fn doorbells(&self) -> Option<&crate::notify::DoorbellBinding> {
-        self.doorbells.as_ref()
     }
 
     /// Where BAR 0 currently is, if programmed and enabled.
@@ -787,16 +772,12 @@ where
         self.cfg.read(offset, data);
     }
 
-    /// A config write can move or stop decoding BAR 0: bound doorbell ioeventfds follow it;
-    /// it can set Interrupt Disable or enable MSI-X: the INTx line follows. A write touching
-    /// `pci_cfg_data` then writes BAR 0 through the PCI configuration access window.
+    /// A config write can set Interrupt Disable or enable MSI-X: the INTx line follows. (A
+    /// BAR move is the root bus's event: `doorbell::DoorbellBinding` observes it.) A write
+    /// touching `pci_cfg_data` then writes BAR 0 through the PCI configuration access window.
     fn config_write(&mut self, offset: u16, data: &[u8]) {
         self.cfg.write(offset, data);
         self.sync_intx();
-        let now = self.bar_address();
-        if let Some(b) = self.doorbells.as_mut() {
-            b.rebind(now);
-        }
         if self.touches_pci_cfg_data(offset, data.len()) {
             self.pci_cfg_write();
         }
@@ -845,5 +826,31 @@ where
                 }
             }
         }
+    }
+}
+
+// Notifications from the notify worker (ioeventfds, wake-ups, device events, queue servers).
+impl<D, M> crate::notify::QueueNotify for VirtioPciTransport<D, M>
+where
+    D: VirtioDevice<M>,
+    M: GuestMemory + Clone + Send + Sync + 'static,
+{
+    fn notify_queue(&mut self, index: u16) {
+        VirtioPciTransport::notify_queue(self, index)
+    }
+    fn wake_queue(&mut self, index: u16) {
+        VirtioPciTransport::wake_queue(self, index)
+    }
+    fn device_event(&mut self, token: u32) {
+        self.core_mut().device_event(token)
+    }
+    fn device_events(&self) -> Option<Arc<crate::events::DeviceEvents>> {
+        self.core().device_events()
+    }
+    fn queue_servers(&self) -> Option<Arc<crate::queue_server::QueueServers>> {
+        Some(self.core().queue_servers())
+    }
+    fn server_error(&mut self, epoch: u64, error: crate::DeviceError) {
+        self.core_mut().server_error(epoch, error)
     }
 }
