@@ -7,10 +7,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::device::{Activation, DeviceError, InterruptCause, VirtioDevice, VirtioInterrupt};
 use crate::events::{DeviceEvents, RetryTimer};
+use crate::memory::VirtioMemory;
 use crate::persist::{CoreState, QueueSnapshot, StateError};
 use crate::queue_server::{QueueServers, ServeOutcome};
 use crate::spec::*;
@@ -109,7 +110,7 @@ pub struct TransportCore<D, M = GuestMemoryMmap> {
 impl<D, M> TransportCore<D, M>
 where
     D: VirtioDevice<M>,
-    M: GuestMemory + Clone + Send + Sync + 'static,
+    M: VirtioMemory,
 {
     /// A core for `device`, whose queues live in `mem`, signalling through `interrupt`.
     pub fn new(device: D, mem: M, interrupt: Arc<dyn VirtioInterrupt>) -> Self {
@@ -317,7 +318,7 @@ where
             state.event_idx_enabled = event_idx;
             let valid_state = Queue::try_from(state).ok();
             match valid_state {
-                Some(nq) if !nq.ready() || nq.is_valid(&self.mem) => queues.push(nq),
+                Some(nq) if !nq.ready() || nq.is_valid(&*self.mem.memory()) => queues.push(nq),
                 _ => {
                     self.fail_activation();
                     return;
@@ -402,7 +403,7 @@ where
                 let mut snap = QueueSnapshot::from(q);
                 if self.activated
                     && q.ready()
-                    && let Ok(idx) = q.used_idx(&self.mem, Ordering::Acquire)
+                    && let Ok(idx) = q.used_idx(&*self.mem.memory(), Ordering::Acquire)
                 {
                     // Quiescent: every chain taken is on the used ring.
                     snap.next_used = idx.0;

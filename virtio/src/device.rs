@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use thiserror::Error;
 use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::{GuestMemory, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::events::{EventSource, RetryTimer};
+use crate::memory::VirtioMemory;
 use crate::queue_pass::{self, ChainOutcome, Completion, PassReport, QueueContext, Retry};
 use crate::queue_server::QueueServer;
 
@@ -92,38 +93,7 @@ pub struct QueueWork {
     pub interrupts: u64,
 }
 
-impl<M: GuestMemory> Activation<M> {
-    /// Whether feature bit `bit` was negotiated.
-    pub fn has_feature(&self, bit: u32) -> bool {
-        bit < 64 && self.acked_features & (1 << bit) != 0
-    }
-
-    /// Run one [`queue_pass::run`] over queue `index` with `handle` deciding each chain
-    /// (used / in flight / retry). A queue that is not ready or does not exist is left alone.
-    ///
-    /// # Errors
-    ///
-    /// A corrupt ring or a failed interrupt (see [`queue_pass::run`]).
-    pub fn run_queue<F>(&mut self, index: u16, handle: F) -> Result<PassReport, DeviceError>
-    where
-        F: FnMut(DescriptorChain<&M>) -> ChainOutcome,
-    {
-        let Some(queue) = self.queues.get_mut(index as usize) else {
-            return Ok(PassReport::default());
-        };
-        let ctx = QueueContext {
-            index,
-            queue,
-            mem: &self.mem,
-            interrupt: &*self.interrupt,
-        };
-        let report = queue_pass::run(ctx, handle)?;
-        if let Some(Retry::After(after)) = report.retry {
-            self.retry_after(index, after)?;
-        }
-        Ok(report)
-    }
-
+impl<M> Activation<M> {
     /// Run queue `index` again after `after` without a driver notification: arms the queue's
     /// retry timer, an event source the transport declared for it (the notify worker then
     /// wakes the queue). [`Self::run_queue`] calls it for `Retry::After`; a device with its own
@@ -139,6 +109,41 @@ impl<M: GuestMemory> Activation<M> {
             _ => Err(DeviceError::Backend("no retry timer for the queue".into())),
         }
     }
+}
+
+impl<M: VirtioMemory> Activation<M> {
+    /// Whether feature bit `bit` was negotiated.
+    pub fn has_feature(&self, bit: u32) -> bool {
+        bit < 64 && self.acked_features & (1 << bit) != 0
+    }
+
+    /// Run one [`queue_pass::run`] over queue `index` with `handle` deciding each chain
+    /// (used / in flight / retry). A queue that is not ready or does not exist is left alone.
+    ///
+    /// # Errors
+    ///
+    /// A corrupt ring or a failed interrupt (see [`queue_pass::run`]).
+    pub fn run_queue<F>(&mut self, index: u16, handle: F) -> Result<PassReport, DeviceError>
+    where
+        F: FnMut(DescriptorChain<&M::Memory>) -> ChainOutcome,
+    {
+        let Some(queue) = self.queues.get_mut(index as usize) else {
+            return Ok(PassReport::default());
+        };
+        let mem = self.mem.memory();
+        let ctx = QueueContext {
+            index,
+            queue,
+            mem: &*mem,
+            interrupt: &*self.interrupt,
+        };
+        let report = queue_pass::run(ctx, handle)?;
+        drop(mem);
+        if let Some(Retry::After(after)) = report.retry {
+            self.retry_after(index, after)?;
+        }
+        Ok(report)
+    }
 
     /// Put chains that were [`ChainOutcome::InFlight`] on queue `index`'s used ring
     /// ([`queue_pass::complete`]).
@@ -153,10 +158,11 @@ impl<M: GuestMemory> Activation<M> {
         let Some(queue) = self.queues.get_mut(index as usize) else {
             return Ok(PassReport::default());
         };
+        let mem = self.mem.memory();
         let ctx = QueueContext {
             index,
             queue,
-            mem: &self.mem,
+            mem: &*mem,
             interrupt: &*self.interrupt,
         };
         queue_pass::complete(ctx, done)
@@ -170,7 +176,7 @@ impl<M: GuestMemory> Activation<M> {
     /// A corrupt ring or a failed interrupt (see [`queue_pass::run`]).
     pub fn process_queue<F>(&mut self, index: u16, mut handle: F) -> Result<QueueWork, DeviceError>
     where
-        F: FnMut(DescriptorChain<&M>) -> u32,
+        F: FnMut(DescriptorChain<&M::Memory>) -> u32,
     {
         let report = self.run_queue(index, |chain| ChainOutcome::Used(handle(chain)))?;
         Ok(QueueWork {

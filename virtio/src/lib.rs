@@ -46,6 +46,8 @@ pub use spec::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 #[cfg(test)]
 mod kvm_tests;
 #[cfg(test)]
+mod memory_kinds_tests;
+#[cfg(test)]
 mod pci_cfg_tests;
 #[cfg(test)]
 mod pci_intx_tests;

@@ -12,11 +12,12 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use vm_memory::{GuestMemory, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmkit_devices::{InterruptSource, MutBusDevice};
 
 use crate::core::{Ring, TransportCore, TransportMetrics};
 use crate::device::{InterruptCause, VirtioDevice, VirtioInterrupt};
+use crate::memory::VirtioMemory;
 use crate::persist::{MmioTransportState, StateError};
 use crate::spec::*;
 
@@ -177,7 +178,7 @@ pub struct MmioTransport<D, M = GuestMemoryMmap> {
 impl<D, M> MmioTransport<D, M>
 where
     D: VirtioDevice<M>,
-    M: GuestMemory + Clone + Send + Sync + 'static,
+    M: VirtioMemory,
 {
     /// `device` with its queues in `mem`, interrupting through `line`.
     pub fn new(device: D, mem: M, line: Arc<dyn InterruptSource>) -> Self {
@@ -321,7 +322,7 @@ where
 impl<D, M> MutBusDevice for MmioTransport<D, M>
 where
     D: VirtioDevice<M>,
-    M: GuestMemory + Clone + Send + Sync + 'static,
+    M: VirtioMemory,
 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
@@ -351,7 +352,7 @@ where
 impl<D, M> crate::notify::QueueNotify for MmioTransport<D, M>
 where
     D: VirtioDevice<M>,
-    M: GuestMemory + Clone + Send + Sync + 'static,
+    M: VirtioMemory,
 {
     fn notify_queue(&mut self, index: u16) {
         MmioTransport::notify_queue(self, index)

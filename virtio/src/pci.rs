@@ -54,7 +54,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 
-use vm_memory::{GuestMemory, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmkit_devices::pci::{
     BarKind, ConfigSpace, Msix, MsixConfig, MsixVector, PciError, PciFunction, PciHeader, cap_id,
     command, reg, status,
@@ -65,6 +65,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::core::{Ring, TransportCore, TransportMetrics};
 use crate::device::{InterruptCause, VirtioDevice, VirtioInterrupt};
 use crate::intx::Intx;
+use crate::memory::VirtioMemory;
 use crate::persist::{PciTransportState, StateError};
 use crate::spec::common_cfg::*;
 use crate::spec::*;
@@ -320,7 +321,7 @@ pub struct VirtioPciTransport<D, M = GuestMemoryMmap> {
 impl<D, M> VirtioPciTransport<D, M>
 where
     D: VirtioDevice<M>,
-    M: GuestMemory + Clone + Send + Sync + 'static,
+    M: VirtioMemory,
 {
     /// The MSI-X layout for `device` (one vector per queue plus one for configuration changes),
     /// delivering through `sink`. Attach irqfds to it (e.g. `KvmIrqRouter::attach_msix`) before
@@ -743,7 +744,7 @@ fn virtio_pci_cap(cfg_type: u8, offset: u64, length: u64) -> Vec<u8> {
 impl<D, M> PciFunction for VirtioPciTransport<D, M>
 where
     D: VirtioDevice<M>,
-    M: GuestMemory + Clone + Send + Sync + 'static,
+    M: VirtioMemory,
 {
     fn config_space(&self) -> &ConfigSpace {
         &self.cfg
@@ -833,7 +834,7 @@ where
 impl<D, M> crate::notify::QueueNotify for VirtioPciTransport<D, M>
 where
     D: VirtioDevice<M>,
-    M: GuestMemory + Clone + Send + Sync + 'static,
+    M: VirtioMemory,
 {
     fn notify_queue(&mut self, index: u16) {
         VirtioPciTransport::notify_queue(self, index)

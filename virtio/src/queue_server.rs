@@ -21,10 +21,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::GuestMemory;
 
 use crate::device::{Activation, DeviceError, VirtioInterrupt};
 use crate::events::RetryTimer;
+use crate::memory::VirtioMemory;
 use crate::queue_pass::{self, ChainOutcome, Completion, PassReport, QueueContext, Retry};
 
 /// Serves one queue on its own (see the [module docs](self)).
@@ -50,16 +50,7 @@ pub struct QueueHandle<M> {
     retry_timer: Option<RetryTimer>,
 }
 
-impl<M: GuestMemory> QueueHandle<M> {
-    fn ctx(&mut self) -> QueueContext<'_, M> {
-        QueueContext {
-            index: self.index,
-            queue: &mut self.queue,
-            mem: &self.mem,
-            interrupt: &*self.interrupt,
-        }
-    }
-
+impl<M: VirtioMemory> QueueHandle<M> {
     /// [`queue_pass::run`] over this queue; a `Retry::After` arms the queue's retry timer.
     ///
     /// # Errors
@@ -67,9 +58,17 @@ impl<M: GuestMemory> QueueHandle<M> {
     /// A corrupt ring, a failed interrupt, or a retry timer that cannot be armed.
     pub fn run<F>(&mut self, handle: F) -> Result<PassReport, DeviceError>
     where
-        F: FnMut(DescriptorChain<&M>) -> ChainOutcome,
+        F: FnMut(DescriptorChain<&M::Memory>) -> ChainOutcome,
     {
-        let report = queue_pass::run(self.ctx(), handle)?;
+        let mem = self.mem.memory();
+        let ctx = QueueContext {
+            index: self.index,
+            queue: &mut self.queue,
+            mem: &*mem,
+            interrupt: &*self.interrupt,
+        };
+        let report = queue_pass::run(ctx, handle)?;
+        drop(mem);
         if let Some(Retry::After(after)) = report.retry {
             self.retry_after(after)?;
         }
@@ -85,7 +84,14 @@ impl<M: GuestMemory> QueueHandle<M> {
     where
         I: IntoIterator<Item = Completion>,
     {
-        queue_pass::complete(self.ctx(), done)
+        let mem = self.mem.memory();
+        let ctx = QueueContext {
+            index: self.index,
+            queue: &mut self.queue,
+            mem: &*mem,
+            interrupt: &*self.interrupt,
+        };
+        queue_pass::complete(ctx, done)
     }
 
     /// Run the queue again after `after` (see `Activation::retry_after`).

@@ -2,9 +2,10 @@
 //! driver posts is filled from an [`EntropySource`] (by default the host's `getrandom`).
 
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryMmap};
 
 use crate::device::{Activation, DeviceError, VirtioDevice};
+use crate::memory::VirtioMemory;
 use crate::queue_pass::ChainOutcome;
 use crate::spec::{VIRTIO_F_VERSION_1, VIRTIO_ID_RNG, VIRTIO_RING_F_EVENT_IDX};
 
@@ -82,7 +83,7 @@ impl<M, E> Rng<M, E> {
     }
 }
 
-impl<M: GuestMemory, E: EntropySource> Rng<M, E> {
+impl<M: VirtioMemory, E: EntropySource> Rng<M, E> {
     fn serve(&mut self) -> Result<(), DeviceError> {
         let Some(active) = self.active.as_mut() else {
             return Ok(());
@@ -122,7 +123,7 @@ impl<M: GuestMemory, E: EntropySource> Rng<M, E> {
 
 impl<M, E> VirtioDevice<M> for Rng<M, E>
 where
-    M: GuestMemory + Send,
+    M: VirtioMemory,
     E: EntropySource,
 {
     fn device_type(&self) -> u32 {

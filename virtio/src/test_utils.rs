@@ -34,6 +34,7 @@ use vmkit_devices::interrupt::RecordingInterrupt;
 
 use crate::device::VirtioDevice;
 use crate::events::{EventAction, EventPoller};
+use crate::memory::VirtioMemory;
 use crate::mmio::MmioTransport;
 use crate::spec::*;
 use vmm_sys_util::epoll::Epoll;
@@ -114,10 +115,13 @@ struct DriverQueue {
     last_used: u16,
 }
 
-/// The driver side of a virtio device, over virtio-mmio, in mock memory.
-pub struct DriverHarness<D: VirtioDevice> {
+/// The driver side of a virtio device, over virtio-mmio, in mock memory. The driver writes
+/// through a `GuestMemoryMmap`; the device sees the same memory as `M` (by default that
+/// `GuestMemoryMmap`; see [`DriverHarness::with_device_memory`] for `GuestMemoryAtomic` or
+/// `IommuMemory`).
+pub struct DriverHarness<D: VirtioDevice<M>, M: VirtioMemory = GuestMemoryMmap> {
     mem: GuestMemoryMmap,
-    transport: MmioTransport<D>,
+    transport: MmioTransport<D, M>,
     irq: Arc<RecordingInterrupt>,
     queues: Vec<DriverQueue>,
     next_buffer: u64,
@@ -134,8 +138,37 @@ impl<D: VirtioDevice> DriverHarness<D> {
 
     /// `device` in `mem` (which must cover [`QUEUE_BASE`] onwards for the harness's rings).
     pub fn with_memory(device: D, mem: GuestMemoryMmap) -> Self {
+        Self::with_device_memory(device, mem.clone(), mem)
+    }
+
+    /// Restore the transport state `state` (saved from this harness's transport, e.g. after a
+    /// serde round trip) into a fresh transport around `device`, on the same guest memory,
+    /// keeping the driver side (queue layout, next descriptor, used entries seen): the driver
+    /// goes on as if nothing happened.
+    ///
+    /// # Errors
+    ///
+    /// The state does not fit `device` (see `TransportCore::restore`).
+    pub fn resume<D2: VirtioDevice>(
+        &self,
+        device: D2,
+        state: &crate::persist::MmioTransportState,
+    ) -> Result<DriverHarness<D2>, crate::persist::StateError> {
+        let mut h = DriverHarness::with_memory(device, self.mem.clone());
+        h.transport.restore(state)?;
+        h.queues = self.queues.clone();
+        h.next_buffer = self.next_buffer;
+        Ok(h)
+    }
+}
+
+impl<D: VirtioDevice<M>, M: VirtioMemory> DriverHarness<D, M> {
+    /// `device` over `device_mem`, which must present the memory the driver writes through
+    /// `mem` (e.g. a `GuestMemoryAtomic` holding `mem`, or an identity-mapped `IommuMemory`
+    /// over it); `mem` must cover [`QUEUE_BASE`] onwards for the harness's rings.
+    pub fn with_device_memory(device: D, mem: GuestMemoryMmap, device_mem: M) -> Self {
         let irq = Arc::new(RecordingInterrupt::default());
-        let transport = MmioTransport::new(device, mem.clone(), irq.clone());
+        let transport = MmioTransport::new(device, device_mem, irq.clone());
         Self {
             mem,
             transport,
@@ -189,37 +222,17 @@ impl<D: VirtioDevice> DriverHarness<D> {
     }
 
     /// The transport.
-    pub fn transport(&self) -> &MmioTransport<D> {
+    pub fn transport(&self) -> &MmioTransport<D, M> {
         &self.transport
     }
 
-    /// Restore the transport state `state` (saved from this harness's transport, e.g. after a
-    /// serde round trip) into a fresh transport around `device`, on the same guest memory,
-    /// keeping the driver side (queue layout, next descriptor, used entries seen): the driver
-    /// goes on as if nothing happened.
-    ///
-    /// # Errors
-    ///
-    /// The state does not fit `device` (see `TransportCore::restore`).
-    pub fn resume<D2: VirtioDevice>(
-        &self,
-        device: D2,
-        state: &crate::persist::MmioTransportState,
-    ) -> Result<DriverHarness<D2>, crate::persist::StateError> {
-        let mut h = DriverHarness::with_memory(device, self.mem.clone());
-        h.transport.restore(state)?;
-        h.queues = self.queues.clone();
-        h.next_buffer = self.next_buffer;
-        Ok(h)
-    }
-
     /// Give up the harness and keep the transport (e.g. to hand it to a `NotifyWorker`).
-    pub fn into_transport(self) -> MmioTransport<D> {
+    pub fn into_transport(self) -> MmioTransport<D, M> {
         self.transport
     }
 
     /// The transport, mutably.
-    pub fn transport_mut(&mut self) -> &mut MmioTransport<D> {
+    pub fn transport_mut(&mut self) -> &mut MmioTransport<D, M> {
         &mut self.transport
     }
 
