@@ -44,6 +44,8 @@ pub use device::{
 pub use spec::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 #[cfg(test)]
+mod kvm_multi_tests;
+#[cfg(test)]
 mod kvm_tests;
 #[cfg(test)]
 mod memory_kinds_tests;
