@@ -23,6 +23,7 @@ pub mod counters;
 pub mod device;
 pub mod doorbell;
 pub mod events;
+pub mod guest_access;
 mod intx;
 pub mod memory;
 pub mod mmio;
