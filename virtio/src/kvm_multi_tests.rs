@@ -16,11 +16,14 @@ use vmkit_vcpu::test_utils::TinyGuest;
 use vmkit_vcpu::{ExitStats, RunOutcome, StopHandle};
 
 use crate::doorbell::DoorbellBinding;
+use crate::guest_driver::{
+    GuestQueue, Width, pci_cfg_write, publish, virtio_pci_bring_up, write_descriptor,
+};
 use crate::notify::{NotifyWorker, register_ioeventfds};
 use crate::pci::{NOTIFY_CFG_OFFSET, VIRTIO_PCI_BAR, VirtioPciTransport};
 use crate::rng::Rng;
-use crate::spec::common_cfg::*;
-use crate::spec::{STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK};
+use crate::spec::{VIRTIO_F_VERSION_1, VRING_DESC_F_WRITE};
+use vmkit_devices::pci::{command, reg};
 
 const DEBUG_EXIT: u16 = 0xf4;
 const ECAM: u64 = 0xb000_0000;
@@ -37,60 +40,28 @@ fn rng_function(mem: GuestMemoryMmap) -> VirtioPciTransport<Rng> {
     VirtioPciTransport::new(rng, mem, msix).unwrap()
 }
 
-/// A 32-bit config write to bus 0 `dev`/function 0 through 0xCF8/0xCFC (`word`: 16 bits).
-fn cf8_write(
-    a: &mut CodeAssembler,
-    dev: u8,
-    reg: u32,
-    v: u32,
-    word: bool,
-) -> Result<(), IcedError> {
-    a.mov(dx, 0xcf8u32)?;
-    a.mov(eax, 0x8000_0000 | u32::from(dev) << 11 | (reg & 0xfc))?;
-    a.out(dx, eax)?;
-    a.mov(dx, 0xcfc + (reg & 3))?;
-    a.mov(eax, v)?;
-    if word { a.out(dx, ax) } else { a.out(dx, eax) }
+/// Queue 0 of function `dev`: 16 entries at `RINGS[dev]` (descriptors, +0x100 available,
+/// +0x200 used), its buffer at +0x1000.
+fn queue_of(dev: usize) -> GuestQueue {
+    let ring = RINGS[dev];
+    GuestQueue::at(0, 16, ring, ring + 0x100, ring + 0x200)
 }
 
-/// The driver side of virtio 1.2 §3.1.1 for virtio-rng through the common configuration at
-/// `rsi`: VERSION_1, queue 0 with 16 entries at `ring` (descriptors, +0x100 available, +0x200
-/// used), DRIVER_OK; then descriptor 0 as a 16-byte device-writable buffer at `ring + 0x1000`,
-/// published.
-fn bring_up(a: &mut CodeAssembler, ring: u64) -> Result<(), IcedError> {
-    let at = |off: u64| rsi + off as i32;
-    let drv = STATUS_ACKNOWLEDGE | STATUS_DRIVER;
-    let fok = drv | STATUS_FEATURES_OK;
-    a.mov(
-        byte_ptr(at(VIRTIO_PCI_COMMON_STATUS)),
-        u32::from(STATUS_ACKNOWLEDGE),
+/// Bring virtio-rng up through the common configuration at `rsi` (VERSION_1, queue 0) and
+/// publish descriptor 0, a 16-byte device-writable buffer.
+fn bring_up(a: &mut CodeAssembler, dev: usize) -> Result<(), IcedError> {
+    let q = queue_of(dev);
+    virtio_pci_bring_up(a, rsi, 1 << VIRTIO_F_VERSION_1, &[q])?;
+    write_descriptor(
+        a,
+        q.desc,
+        0,
+        q.desc + 0x1000,
+        16,
+        VRING_DESC_F_WRITE as u16,
+        0,
     )?;
-    a.mov(byte_ptr(at(VIRTIO_PCI_COMMON_STATUS)), u32::from(drv))?;
-    a.mov(dword_ptr(at(VIRTIO_PCI_COMMON_GFSELECT)), 1u32)?;
-    a.mov(dword_ptr(at(VIRTIO_PCI_COMMON_GF)), 1u32)?; // VIRTIO_F_VERSION_1
-    a.mov(byte_ptr(at(VIRTIO_PCI_COMMON_STATUS)), u32::from(fok))?;
-    a.mov(word_ptr(at(VIRTIO_PCI_COMMON_Q_SELECT)), 0u32)?;
-    a.mov(word_ptr(at(VIRTIO_PCI_COMMON_Q_SIZE)), 16u32)?;
-    for (off, addr) in [
-        (VIRTIO_PCI_COMMON_Q_DESCLO, ring),
-        (VIRTIO_PCI_COMMON_Q_AVAILLO, ring + 0x100),
-        (VIRTIO_PCI_COMMON_Q_USEDLO, ring + 0x200),
-    ] {
-        a.mov(dword_ptr(at(off)), addr as u32)?;
-        a.mov(dword_ptr(at(off + 4)), 0u32)?;
-    }
-    a.mov(word_ptr(at(VIRTIO_PCI_COMMON_Q_ENABLE)), 1u32)?;
-    a.mov(
-        byte_ptr(at(VIRTIO_PCI_COMMON_STATUS)),
-        u32::from(fok | STATUS_DRIVER_OK),
-    )?;
-    a.mov(rdi, ring)?;
-    a.mov(rax, ring + 0x1000)?;
-    a.mov(qword_ptr(rdi), rax)?;
-    a.mov(dword_ptr(rdi + 8), 16u32)?;
-    a.mov(word_ptr(rdi + 12), 2u32)?; // VRING_DESC_F_WRITE
-    a.mov(word_ptr(rdi + 0x104), 0u32)?; // avail.ring[0] = 0
-    a.mov(word_ptr(rdi + 0x102), 1u32) // avail.idx = 1
+    publish(a, q, 0, 0)
 }
 
 /// The guest: count the virtio-rng functions on bus 0 (CF8 scan of devices 0..32), program
@@ -119,11 +90,13 @@ fn program(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.jb(scan)?;
     // Program, bring up.
     for (dev, bar) in [(0u8, BAR_A), (1, BAR_B)] {
-        cf8_write(a, dev, 0x10, bar as u32, false)?;
-        cf8_write(a, dev, 0x14, 0, false)?;
-        cf8_write(a, dev, 0x04, 0x6, true)?; // memory space + bus master
+        let devfn = dev << 3;
+        pci_cfg_write(a, 0, devfn, reg::BAR0, bar as u32, Width::Dword)?;
+        pci_cfg_write(a, 0, devfn, reg::BAR0 + 4, 0, Width::Dword)?;
+        let enable = u32::from(command::MEMORY_SPACE | command::BUS_MASTER);
+        pci_cfg_write(a, 0, devfn, reg::COMMAND, enable, Width::Word)?;
         a.mov(rsi, bar)?;
-        bring_up(a, RINGS[usize::from(dev)])?;
+        bring_up(a, usize::from(dev))?;
     }
     // Move device 1's BAR through ECAM: decode off, new base, decode on.
     a.mov(rbx, ECAM + (1 << 15))?;

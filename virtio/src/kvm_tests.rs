@@ -332,41 +332,19 @@ fn kvm_doorbell_ioeventfd_follows_bar_relocation() {
 /// `msix_vector` when given), DRIVER_OK; then descriptor 0 as a 16-byte device-writable buffer
 /// at BUF (not yet published).
 fn bring_up_rng_queue(a: &mut CodeAssembler, msix_vector: Option<u16>) -> Result<(), IcedError> {
-    use crate::spec::common_cfg::*;
-    use crate::spec::{STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK};
-    // Field offsets as displacements off `rsi` (all below 0x40).
-    let at = |off: u64| rsi + off as i32;
-    let status = |s: u8| u32::from(s);
-    let (ack, drv) = (STATUS_ACKNOWLEDGE, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-    let fok = drv | STATUS_FEATURES_OK;
-    a.mov(byte_ptr(at(VIRTIO_PCI_COMMON_STATUS)), status(ack))?;
-    a.mov(byte_ptr(at(VIRTIO_PCI_COMMON_STATUS)), status(drv))?;
-    a.mov(dword_ptr(at(VIRTIO_PCI_COMMON_GFSELECT)), 1u32)?; // bits 32..63
-    a.mov(dword_ptr(at(VIRTIO_PCI_COMMON_GF)), 1u32)?; // VIRTIO_F_VERSION_1
-    a.mov(byte_ptr(at(VIRTIO_PCI_COMMON_STATUS)), status(fok))?;
-    a.mov(word_ptr(at(VIRTIO_PCI_COMMON_Q_SELECT)), 0u32)?;
-    a.mov(word_ptr(at(VIRTIO_PCI_COMMON_Q_SIZE)), 16u32)?;
-    for (off, addr) in [
-        (VIRTIO_PCI_COMMON_Q_DESCLO, DESC),
-        (VIRTIO_PCI_COMMON_Q_AVAILLO, AVAIL),
-        (VIRTIO_PCI_COMMON_Q_USEDLO, USED),
-    ] {
-        a.mov(dword_ptr(at(off)), addr as u32)?;
-        a.mov(dword_ptr(at(off + 4)), 0u32)?;
-    }
-    if let Some(v) = msix_vector {
-        a.mov(word_ptr(at(VIRTIO_PCI_COMMON_Q_MSIX)), u32::from(v))?;
-    }
-    a.mov(word_ptr(at(VIRTIO_PCI_COMMON_Q_ENABLE)), 1u32)?;
-    a.mov(
-        byte_ptr(at(VIRTIO_PCI_COMMON_STATUS)),
-        status(fok | STATUS_DRIVER_OK),
-    )?;
-    a.mov(rdi, DESC)?;
-    a.mov(rax, BUF)?;
-    a.mov(qword_ptr(rdi), rax)?;
-    a.mov(dword_ptr(rdi + 8), 16u32)?;
-    a.mov(word_ptr(rdi + 12), 2u32) // VRING_DESC_F_WRITE
+    use crate::guest_driver::{GuestQueue, virtio_pci_bring_up, write_descriptor};
+    let mut q = GuestQueue::at(0, 16, DESC, AVAIL, USED);
+    q.msix_vector = msix_vector;
+    virtio_pci_bring_up(a, rsi, 1 << crate::spec::VIRTIO_F_VERSION_1, &[q])?;
+    write_descriptor(
+        a,
+        DESC,
+        0,
+        BUF,
+        16,
+        crate::spec::VRING_DESC_F_WRITE as u16,
+        0,
+    )
 }
 
 fn msix_rng_guest(relocate_to: Option<u64>) {
@@ -380,12 +358,9 @@ fn msix_rng_guest(relocate_to: Option<u64>) {
     } as u32;
     let cfg_write =
         |a: &mut CodeAssembler, reg: u32, v: u32, word: bool| -> Result<(), IcedError> {
-            a.mov(dx, 0xcf8u32)?;
-            a.mov(eax, 0x8000_0000 | DEV << 11 | (reg & 0xfc))?;
-            a.out(dx, eax)?;
-            a.mov(dx, 0xcfc + (reg & 3))?;
-            a.mov(eax, v)?;
-            if word { a.out(dx, ax) } else { a.out(dx, eax) }
+            use crate::guest_driver::{Width, pci_cfg_write};
+            let width = if word { Width::Word } else { Width::Dword };
+            pci_cfg_write(a, 0, (DEV as u8) << 3, reg as u16, v, width)
         };
     let (vm, mut vcpu, mem) = irq_guest(
         |a| {
@@ -396,11 +371,7 @@ fn msix_rng_guest(relocate_to: Option<u64>) {
             cfg_write(a, 0x04, 0x6, true)?; // memory space + bus master
             cfg_write(a, cap + 2, 0x8000, true)?; // MSI-X enable
             a.mov(rsi, BAR)?;
-            let e = MSIX_TABLE_OFFSET as i32 + 16; // table entry 1
-            a.mov(dword_ptr(rsi + e), LAPIC_BASE as u32)?;
-            a.mov(dword_ptr(rsi + e + 4), 0u32)?;
-            a.mov(dword_ptr(rsi + e + 8), VECTOR)?;
-            a.mov(dword_ptr(rsi + e + 12), 0u32)?; // unmask
+            crate::guest_driver::msix_entry(a, rsi, MSIX_TABLE_OFFSET, 1, LAPIC_BASE, VECTOR)?;
             bring_up_rng_queue(a, Some(1))?;
             // Publish descriptor 0.
             a.mov(rdi, AVAIL)?;

@@ -24,6 +24,8 @@ pub mod device;
 pub mod doorbell;
 pub mod events;
 pub mod guest_access;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod guest_driver;
 mod intx;
 pub mod memory;
 pub mod mmio;
