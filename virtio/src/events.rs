@@ -37,7 +37,8 @@ pub enum EventKind {
     /// the descriptor is switched to non-blocking.
     Counter,
     /// Any other pollable descriptor (a tap fd): edge-triggered; the device consumes what is
-    /// readable when it acts (and must expect no new event until it has drained it).
+    /// readable when it acts (and must expect no new event until it has drained it — except
+    /// once after the device's sources are re-registered, at activation).
     Edge,
 }
 
@@ -228,6 +229,9 @@ impl EventPoller {
             events.changed.as_raw_fd(),
             EpollEvent::new(EventSet::IN, CHANGED_TOKEN),
         )?;
+        // Changes published before now are covered by the first sync (read first: a change
+        // after the read still wakes the poller).
+        let _ = events.changed.read();
         let mut p = Self {
             events,
             watched: Vec::new(),
