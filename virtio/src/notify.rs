@@ -143,7 +143,11 @@ pub struct NotifyWorker {
 }
 
 impl NotifyWorker {
-    /// Serve `fds` for `target` until dropped (or [`NotifyWorker::stop`]).
+    /// Serve `fds` for `target` until dropped (or [`NotifyWorker::stop`]), together with the
+    /// device's own event sources (`VirtioDevice::event_sources`, retry timers), which the
+    /// worker finds in the transport's registry ([`QueueNotify::device_events`]) and follows
+    /// across activations and resets, and the queues the device serves apart
+    /// ([`QueueNotify::queue_servers`]), each run on a thread of its own.
     pub fn spawn<T: QueueNotify + 'static>(
         target: Arc<Mutex<T>>,
         fds: Vec<QueueEventFd>,
@@ -152,9 +156,12 @@ impl NotifyWorker {
     }
 
     /// [`NotifyWorker::spawn`], and also run queue `q` whenever a `(q, fd)` of `wakeups` is
-    /// signalled: a device's own event, such as an asynchronous engine's completion eventfd
-    /// (vmkit-block's `Block::completion_eventfds`), whose pass over the queue puts finished
-    /// requests on the used ring as well as taking new ones. A wake-up reaches the target as
+    /// signalled — for devices that do not declare their events themselves (a device that
+    /// declares them needs no `wakeups`; declaring and passing both is harmless: one of the
+    /// two readers finds the count already taken). A wake-up is a device's own event, such as
+    /// an asynchronous engine's completion eventfd (vmkit-block's `Block::completion_eventfds`),
+    /// whose pass over the queue puts finished requests on the used ring as well as taking new
+    /// ones. A wake-up reaches the target as
     /// [`QueueNotify::wake_queue`], which the transports do not count as a driver
     /// notification. [`NotifyWorker::stop`] returns only the doorbells; the wake-up eventfds
     /// are closed.

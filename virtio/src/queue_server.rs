@@ -27,7 +27,9 @@ use crate::events::RetryTimer;
 use crate::memory::VirtioMemory;
 use crate::queue_pass::{self, ChainOutcome, Completion, PassReport, QueueContext, Retry};
 
-/// Serves one queue on its own (see the [module docs](self)).
+/// Serves one queue on its own (see the [module docs](self)). A server must not take the
+/// transport's lock (directly or through something that does): reset holds it while waiting for
+/// a running server.
 pub trait QueueServer: Send {
     /// The driver notified the queue, or one of its events fired: run it.
     ///
