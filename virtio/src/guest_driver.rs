@@ -1,4 +1,4 @@
-//! Tiny-guest driver code (feature `test-utils`): the PCI configuration, MSI-X and virtio
+//! Tiny-guest driver code (feature `guest-driver`, part of `test-utils`): the PCI configuration, MSI-X and virtio
 //! sequences that KVM tests and example guests assemble with iced-x86, written once, with
 //! the register offsets of [`crate::spec::common_cfg`].
 //!

@@ -24,7 +24,7 @@ pub mod device;
 pub mod doorbell;
 pub mod events;
 pub mod guest_access;
-#[cfg(any(test, feature = "test-utils"))]
+#[cfg(any(test, feature = "guest-driver"))]
 pub mod guest_driver;
 mod intx;
 pub mod memory;
