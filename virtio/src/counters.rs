@@ -1,4 +1,4 @@
-//! Device counters declared once: [`counters!`](crate::counters) writes the atomic set a device
+//! Device counters declared once: [`counters!`](crate::counters!) writes the atomic set a device
 //! bumps from `&self`, the plain serde snapshot a VMM reads or logs, `add` (fold a tally kept
 //! in a plain snapshot during a pass into the atomics: one atomic add per counter and pass, not
 //! per request) and `snapshot`.
