@@ -366,7 +366,10 @@ where
     }
 
     /// Set `DEVICE_NEEDS_RESET` and tell the driver (virtio 1.2 §2.1.2).
+    /// Queue servers stop (waiting for running ones): none runs again until the driver resets
+    /// the device.
     pub fn needs_reset(&mut self) {
+        self.servers.clear();
         if self.status & STATUS_NEEDS_RESET == 0 {
             self.status |= STATUS_NEEDS_RESET;
             self.config_changed();
@@ -665,8 +668,6 @@ where
     /// set `DEVICE_NEEDS_RESET` and keep it as [`Self::last_device_error`].
     pub fn device_error(&mut self, error: DeviceError) {
         self.metrics.device_errors += 1;
-        // The device stops: no server runs again until the driver resets it.
-        self.servers.clear();
         if matches!(error, DeviceError::Queue { .. }) {
             self.corrupt_rings += 1;
         }

@@ -154,8 +154,7 @@ fn queues_progress_while_another_is_busy() {
     );
 }
 
-/// Reset waits for a running server and drops the servers; a device error does the same and
-/// the error is reported with its epoch.
+/// Reset and DEVICE_NEEDS_RESET drop the queue servers (waiting for a running one).
 #[test]
 fn reset_drops_queue_servers() {
     let (started_tx, _started) = channel();
@@ -172,5 +171,10 @@ fn reset_drops_queue_servers() {
     h.kick(1);
     assert_eq!(h.used(1), [(c.head, 0)]);
     h.set_status(0);
+    assert!(!servers.serves(0) && !servers.serves(1));
+    // DEVICE_NEEDS_RESET (a device error, or the VMM's call) stops them too.
+    h.activate(1 << VIRTIO_F_VERSION_1).unwrap();
+    assert!(servers.serves(0));
+    h.transport_mut().core_mut().needs_reset();
     assert!(!servers.serves(0) && !servers.serves(1));
 }
