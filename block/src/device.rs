@@ -1,17 +1,20 @@
 //! The virtio-blk device: [`Block`] implements `vmkit_virtio::VirtioDevice`.
 //!
-//! Queue notifications run [`QueueWorker::process`] on the notified queue; with the io_uring
-//! engine, the VMM also watches each queue's completion eventfd ([`Block::completion_fds`]) and
-//! calls [`Block::process_completions`] — or hands [`Block::completion_eventfds`] to
-//! vmkit-virtio's `NotifyWorker::spawn_with_wakeups`, whose pass over a woken queue (a queue
-//! notification) also completes what finished. When the rate limiter stops a queue the VMM calls
-//! [`Block::retry_throttled`] after [`Block::throttled_for`].
+//! Queue notifications run [`QueueWorker::process`] on the notified queue. The device declares
+//! its own events (`VirtioDevice::event_sources`), which vmkit-virtio's `NotifyWorker` serves by
+//! itself: with the io_uring engine each queue's completion eventfd wakes the queue, whose pass
+//! also completes what finished; when the rate limiter stops a queue, the queue's retry timer
+//! (`Activation::retry_after`, armed for [`Block::throttled_for`]) runs it again — no driver
+//! notification and no VMM code needed. [`Block::completion_fds`],
+//! [`Block::process_completions`] and [`Block::retry_throttled`] remain for VMMs with their own
+//! event loop.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use vm_memory::{GuestMemory, GuestMemoryMmap};
+use vmkit_virtio::events::{EventAction, EventSource};
 use vmkit_virtio::{Activation, DeviceError, InterruptCause, VirtioDevice};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -179,7 +182,8 @@ impl<M> Block<M> {
 fn worker_err(index: u16, e: WorkerError) -> DeviceError {
     match e {
         WorkerError::Queue(source) => DeviceError::Queue { index, source },
-        WorkerError::Uring(e) => DeviceError::Backend(e.to_string()),
+        // The whole error, not its text: the transport keeps it with its `source()` chain.
+        e @ WorkerError::Uring(_) => DeviceError::Backend(Box::new(e)),
     }
 }
 
@@ -212,6 +216,11 @@ impl<M: GuestMemory> Block<M> {
         .map_err(|e| worker_err(index, e))?;
         if !completions_only {
             self.throttled = pass.throttled;
+            if let Some(after) = pass.throttled {
+                // The queue's retry timer (a declared event source) runs it again: a throttled
+                // queue resumes without a driver notification.
+                a.retry_after(index, after)?;
+            }
         }
         self.signal(index, pass)
     }
@@ -321,6 +330,14 @@ impl<M: GuestMemory + Send> VirtioDevice<M> for Block<M> {
         self.run_queue(queue, false)
     }
 
+    /// Each io_uring queue's completion eventfd wakes its queue: the pass reaps what finished.
+    /// (The retry timers of throttled queues are declared by the transport.)
+    fn event_sources(&self) -> Vec<EventSource> {
+        self.completion_eventfd_refs()
+            .filter_map(|(i, fd)| EventSource::counter(fd, EventAction::Queue(i)).ok())
+            .collect()
+    }
+
     fn reset(&mut self) {
         if self.drain().is_err() {
             // The rings are broken: still wait for the kernel before the memory may go.
@@ -328,5 +345,29 @@ impl<M: GuestMemory + Send> VirtioDevice<M> for Block<M> {
         }
         self.active = None;
         self.throttled = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::uring::UringError;
+    use std::error::Error as _;
+
+    /// An io_uring failure reaches the transport as a `Backend` error whose `source()` chain
+    /// ends at the kernel's errno (it used to be flattened to a string).
+    #[test]
+    fn engine_errors_keep_their_source() {
+        let os = std::io::Error::from_raw_os_error(libc::EIO);
+        let e = worker_err(3, WorkerError::Uring(UringError::Ring(os)));
+        assert!(matches!(e, DeviceError::Backend(_)));
+        let worker = e.source().unwrap().downcast_ref::<WorkerError>().unwrap();
+        assert!(matches!(worker, WorkerError::Uring(_)));
+        let io = worker
+            .source()
+            .and_then(|u| u.source())
+            .and_then(|i| i.downcast_ref::<std::io::Error>())
+            .unwrap();
+        assert_eq!(io.raw_os_error(), Some(libc::EIO));
     }
 }

@@ -213,11 +213,9 @@ impl QueueWorker {
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
                 popped += 1;
                 let head = chain.head_index();
-                if head >= queue.size() {
-                    // No used-ring entry can name this head: drop it, counted.
-                    tally.invalid_chains += 1;
-                    continue;
-                }
+                // vmkit-virtio's one corrupt-ring policy: a head no used entry can name makes
+                // the transport set DEVICE_NEEDS_RESET (and count it), as for every device.
+                vmkit_virtio::queue_pass::check_head(queue, head).map_err(qerr)?;
                 if fast
                     && let Some(d) = disk.as_mut()
                     && let Some(used) = crate::fast::try_read_write(

@@ -74,21 +74,16 @@ impl IoHandler for Io {
     }
 }
 
-/// Guest code writing descriptor `i`.
+/// Guest code writing descriptor `i` (vmkit-virtio's shared tiny-guest driver code).
 fn desc(
     a: &mut CodeAssembler,
-    i: u64,
+    i: u16,
     addr: u64,
     len: u32,
     flags: u16,
     next: u16,
 ) -> Result<(), IcedError> {
-    a.mov(rdi, QUEUE + 16 * i)?;
-    a.mov(rax, addr)?;
-    a.mov(qword_ptr(rdi), rax)?;
-    a.mov(dword_ptr(rdi + 8), len)?;
-    a.mov(word_ptr(rdi + 12), flags as u32)?;
-    a.mov(word_ptr(rdi + 14), next as u32)
+    vmkit_virtio::guest_driver::write_descriptor(a, QUEUE, i, addr, len, flags, next)
 }
 
 /// Guest code: print the bytes of `text` on COM1.
@@ -127,9 +122,8 @@ fn print_hex(a: &mut CodeAssembler, digits: u32) -> Result<(), IcedError> {
 
 /// Guest code: publish `head` at avail slot `slot`, notify queue 0, poll used.idx == slot+1.
 fn submit(a: &mut CodeAssembler, slot: u64, head: u16) -> Result<(), IcedError> {
-    a.mov(rdi, AVAIL)?;
-    a.mov(word_ptr(rdi + 4 + 2 * slot), head as u32)?;
-    a.mov(word_ptr(rdi + 2), (slot + 1) as u32)?;
+    let queue = vmkit_virtio::guest_driver::GuestQueue::at(0, 8, QUEUE, AVAIL, USED);
+    vmkit_virtio::guest_driver::publish(a, queue, slot as u16, head)?;
     a.mov(dword_ptr(rbx + 0x50), 0u32)?; // QueueNotify
     let mut poll = a.create_label();
     a.set_label(&mut poll)?;

@@ -18,6 +18,7 @@ use vmkit_virtio::pci::{
     DEVICE_CFG_OFFSET, MSIX_TABLE_OFFSET, NOTIFY_CFG_OFFSET, NOTIFY_OFF_MULTIPLIER,
     VirtioPciTransport,
 };
+use vmkit_virtio::spec::common_cfg::*;
 use vmkit_virtio::test_utils::ring_layout;
 
 const QSIZE: u16 = 16;
@@ -84,8 +85,8 @@ impl Driver {
         self.mem
             .write_obj(slot + 1, GuestAddress(l.avail.0 + 2))
             .unwrap();
-        self.wr(0x16, 2, u64::from(q)); // queue_select
-        let notify_off = self.rd(0x1e, 2);
+        self.wr(VIRTIO_PCI_COMMON_Q_SELECT, 2, u64::from(q)); // queue_select
+        let notify_off = self.rd(VIRTIO_PCI_COMMON_Q_NOFF, 2);
         let bell = NOTIFY_CFG_OFFSET + notify_off * u64::from(NOTIFY_OFF_MULTIPLIER);
         self.wr(bell, 2, u64::from(q));
         let status_byte: u8 = self.mem.read_obj(status).unwrap();
@@ -139,12 +140,12 @@ fn block_over_virtio_pci_with_msix_and_two_queues() {
     }
 
     // Initialisation (virtio 1.2 §3.1.1) through the common configuration (§4.1.4.3).
-    d.wr(0x14, 1, 1); // ACKNOWLEDGE
-    d.wr(0x14, 1, 3); // DRIVER
-    d.wr(0x00, 4, 0);
-    let lo = d.rd(0x04, 4);
-    d.wr(0x00, 4, 1);
-    let offered = (d.rd(0x04, 4) << 32) | lo;
+    d.wr(VIRTIO_PCI_COMMON_STATUS, 1, 1); // ACKNOWLEDGE
+    d.wr(VIRTIO_PCI_COMMON_STATUS, 1, 3); // DRIVER
+    d.wr(VIRTIO_PCI_COMMON_DFSELECT, 4, 0);
+    let lo = d.rd(VIRTIO_PCI_COMMON_DF, 4);
+    d.wr(VIRTIO_PCI_COMMON_DFSELECT, 4, 1);
+    let offered = (d.rd(VIRTIO_PCI_COMMON_DF, 4) << 32) | lo;
     let mq = 1u64 << VIRTIO_BLK_F_MQ;
     let flush = 1u64 << VIRTIO_BLK_F_FLUSH;
     assert_eq!(
@@ -152,15 +153,15 @@ fn block_over_virtio_pci_with_msix_and_two_queues() {
         F_VERSION_1 | mq | flush
     );
     let wanted = F_VERSION_1 | mq | flush;
-    d.wr(0x08, 4, 0);
-    d.wr(0x0c, 4, wanted & 0xffff_ffff);
-    d.wr(0x08, 4, 1);
-    d.wr(0x0c, 4, wanted >> 32);
-    d.wr(0x14, 1, 0xb); // FEATURES_OK
-    assert_eq!(d.rd(0x14, 1), 0xb);
-    assert_eq!(d.rd(0x12, 2), 2, "num_queues");
-    d.wr(0x10, 2, 0); // config_msix_vector
-    assert_eq!(d.rd(0x10, 2), 0);
+    d.wr(VIRTIO_PCI_COMMON_GFSELECT, 4, 0);
+    d.wr(VIRTIO_PCI_COMMON_GF, 4, wanted & 0xffff_ffff);
+    d.wr(VIRTIO_PCI_COMMON_GFSELECT, 4, 1);
+    d.wr(VIRTIO_PCI_COMMON_GF, 4, wanted >> 32);
+    d.wr(VIRTIO_PCI_COMMON_STATUS, 1, 0xb); // FEATURES_OK
+    assert_eq!(d.rd(VIRTIO_PCI_COMMON_STATUS, 1), 0xb);
+    assert_eq!(d.rd(VIRTIO_PCI_COMMON_NUMQ, 2), 2, "num_queues");
+    d.wr(VIRTIO_PCI_COMMON_MSIX, 2, 0); // config_msix_vector
+    assert_eq!(d.rd(VIRTIO_PCI_COMMON_MSIX, 2), 0);
 
     // The virtio-blk configuration through the device configuration capability.
     let capacity = d.rd(DEVICE_CFG_OFFSET + offsets::CAPACITY as u64, 8);
@@ -170,17 +171,21 @@ fn block_over_virtio_pci_with_msix_and_two_queues() {
 
     for q in 0..2u16 {
         let l = ring_layout(q, QSIZE);
-        d.wr(0x16, 2, u64::from(q));
-        d.wr(0x18, 2, u64::from(QSIZE));
-        d.wr(0x20, 8, l.desc.0);
-        d.wr(0x28, 8, l.avail.0);
-        d.wr(0x30, 8, l.used.0);
-        d.wr(0x1a, 2, u64::from(q) + 1); // queue_msix_vector
-        assert_eq!(d.rd(0x1a, 2), u64::from(q) + 1, "vector accepted");
-        d.wr(0x1c, 2, 1);
+        d.wr(VIRTIO_PCI_COMMON_Q_SELECT, 2, u64::from(q));
+        d.wr(VIRTIO_PCI_COMMON_Q_SIZE, 2, u64::from(QSIZE));
+        d.wr(VIRTIO_PCI_COMMON_Q_DESCLO, 8, l.desc.0);
+        d.wr(VIRTIO_PCI_COMMON_Q_AVAILLO, 8, l.avail.0);
+        d.wr(VIRTIO_PCI_COMMON_Q_USEDLO, 8, l.used.0);
+        d.wr(VIRTIO_PCI_COMMON_Q_MSIX, 2, u64::from(q) + 1); // queue_msix_vector
+        assert_eq!(
+            d.rd(VIRTIO_PCI_COMMON_Q_MSIX, 2),
+            u64::from(q) + 1,
+            "vector accepted"
+        );
+        d.wr(VIRTIO_PCI_COMMON_Q_ENABLE, 2, 1);
     }
-    d.wr(0x14, 1, 0xf); // DRIVER_OK
-    assert_eq!(d.rd(0x14, 1), 0xf);
+    d.wr(VIRTIO_PCI_COMMON_STATUS, 1, 0xf); // DRIVER_OK
+    assert_eq!(d.rd(VIRTIO_PCI_COMMON_STATUS, 1), 0xf);
 
     // Each queue writes its own sector, then reads it back; each completion is one MSI on
     // that queue's vector.

@@ -253,6 +253,7 @@ fn rate_limiter_throttles_then_resumes() {
             ops: Some(BucketConfig {
                 rate: 1000,
                 capacity: 2,
+                one_time_burst: 0,
             }),
         },
         ..Default::default()

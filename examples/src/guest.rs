@@ -26,10 +26,9 @@
 use std::ops::{Deref, DerefMut};
 
 use iced_x86::code_asm::*;
+use vmkit_virtio::guest_driver;
 use vmkit_virtio::pci::{MSIX_TABLE_OFFSET, NOTIFY_CFG_OFFSET};
-use vmkit_virtio::spec::{
-    STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK, VIRTIO_PCI_VENDOR_ID,
-};
+use vmkit_virtio::spec::VIRTIO_PCI_VENDOR_ID;
 
 /// Where the identity page tables are built.
 pub const PAGE_TABLES: u64 = 0x9000;
@@ -72,34 +71,6 @@ pub const QUEUE_SIZE: u16 = 16;
 pub const VIRTQ_DESC_F_NEXT: u16 = 1;
 /// `VIRTQ_DESC_F_WRITE`: the device writes this buffer.
 pub const VIRTQ_DESC_F_WRITE: u16 = 2;
-
-/// Offsets of `struct virtio_pci_common_cfg` fields (virtio 1.2 §4.1.4.3).
-pub mod common_cfg {
-    /// `le32 device_feature_select`.
-    pub const DEVICE_FEATURE_SELECT: i32 = 0x00;
-    /// `le32 device_feature`.
-    pub const DEVICE_FEATURE: i32 = 0x04;
-    /// `le32 driver_feature_select`.
-    pub const DRIVER_FEATURE_SELECT: i32 = 0x08;
-    /// `le32 driver_feature`.
-    pub const DRIVER_FEATURE: i32 = 0x0c;
-    /// `u8 device_status`.
-    pub const DEVICE_STATUS: i32 = 0x14;
-    /// `le16 queue_select`.
-    pub const QUEUE_SELECT: i32 = 0x16;
-    /// `le16 queue_size`.
-    pub const QUEUE_SIZE: i32 = 0x18;
-    /// `le16 queue_msix_vector`.
-    pub const QUEUE_MSIX_VECTOR: i32 = 0x1a;
-    /// `le16 queue_enable`.
-    pub const QUEUE_ENABLE: i32 = 0x1c;
-    /// `le64 queue_desc`.
-    pub const QUEUE_DESC: i32 = 0x20;
-    /// `le64 queue_driver`.
-    pub const QUEUE_DRIVER: i32 = 0x28;
-    /// `le64 queue_device`.
-    pub const QUEUE_DEVICE: i32 = 0x30;
-}
 
 /// A 64-bit guest program under construction, with the shared helpers.
 ///
@@ -216,46 +187,24 @@ impl GuestAsm {
         self.cfg_write(0x14, (BAR >> 32) as u32, false)?;
         self.cfg_write(0x04, 0x6, true)?; // Memory Space + Bus Master
         self.cfg_write(msix_cap + 2, 0x8000, true)?; // Message Control: MSI-X Enable
-        let a = &mut self.a;
-        a.mov(rsi, BAR)?;
-        let e = (MSIX_TABLE_OFFSET + 16 * entry) as i32;
-        a.mov(dword_ptr(rsi + e), LAPIC as u32)?; // Message Address: APIC ID 0
-        a.mov(dword_ptr(rsi + e + 4), 0u32)?;
-        a.mov(dword_ptr(rsi + e + 8), VECTOR)?; // Message Data: fixed, edge
-        a.mov(dword_ptr(rsi + e + 12), 0u32) // Vector Control: unmasked
+        self.a.mov(rsi, BAR)?;
+        // Message Address: APIC ID 0; Message Data: fixed, edge; unmasked.
+        guest_driver::msix_entry(
+            &mut self.a,
+            rsi,
+            MSIX_TABLE_OFFSET,
+            entry as u16,
+            LAPIC,
+            VECTOR,
+        )
     }
 
     /// virtio 1.2 §3.1.1 through the common configuration at `rsi`: ACKNOWLEDGE, DRIVER,
     /// accept `features`, FEATURES_OK, queue 0 with [`QUEUE_SIZE`] entries at
     /// [`DESC`]/[`AVAIL`]/[`USED`] on MSI-X entry `vector`, enabled, DRIVER_OK.
     pub fn virtio_bring_up(&mut self, features: u64, vector: u16) -> Result<(), IcedError> {
-        use common_cfg as cc;
-        let a = &mut self.a;
-        let status =
-            |a: &mut CodeAssembler, s: u8| a.mov(byte_ptr(rsi + cc::DEVICE_STATUS), s as u32);
-        status(a, STATUS_ACKNOWLEDGE)?;
-        status(a, STATUS_ACKNOWLEDGE | STATUS_DRIVER)?;
-        for (select, word) in [(0u32, features as u32), (1, (features >> 32) as u32)] {
-            if word != 0 {
-                a.mov(dword_ptr(rsi + cc::DRIVER_FEATURE_SELECT), select)?;
-                a.mov(dword_ptr(rsi + cc::DRIVER_FEATURE), word)?;
-            }
-        }
-        let features_ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
-        status(a, features_ok)?;
-        a.mov(word_ptr(rsi + cc::QUEUE_SELECT), 0u32)?;
-        a.mov(word_ptr(rsi + cc::QUEUE_SIZE), QUEUE_SIZE as u32)?;
-        for (off, addr) in [
-            (cc::QUEUE_DESC, DESC),
-            (cc::QUEUE_DRIVER, AVAIL),
-            (cc::QUEUE_DEVICE, USED),
-        ] {
-            a.mov(dword_ptr(rsi + off), addr as u32)?;
-            a.mov(dword_ptr(rsi + off + 4), (addr >> 32) as u32)?;
-        }
-        a.mov(word_ptr(rsi + cc::QUEUE_MSIX_VECTOR), vector as u32)?;
-        a.mov(word_ptr(rsi + cc::QUEUE_ENABLE), 1u32)?;
-        status(a, features_ok | STATUS_DRIVER_OK)
+        let q = guest_driver::GuestQueue::at(0, QUEUE_SIZE, DESC, AVAIL, USED).with_vector(vector);
+        guest_driver::virtio_pci_bring_up(&mut self.a, rsi, features, &[q])
     }
 
     /// Write descriptor `i` of queue 0 (clobbers rax, rdi).
@@ -267,23 +216,15 @@ impl GuestAsm {
         flags: u16,
         next: u16,
     ) -> Result<(), IcedError> {
-        let a = &mut self.a;
-        a.mov(rdi, DESC + 16 * i)?;
-        a.mov(rax, addr)?;
-        a.mov(qword_ptr(rdi), rax)?;
-        a.mov(dword_ptr(rdi + 8), len)?;
-        a.mov(word_ptr(rdi + 12), flags as u32)?;
-        a.mov(word_ptr(rdi + 14), next as u32)
+        guest_driver::write_descriptor(&mut self.a, DESC, i as u16, addr, len, flags, next)
     }
 
     /// Publish the chain at `head` in available-ring slot `slot` (available index `slot + 1`)
     /// and ring queue 0's doorbell in the BAR at `rsi` (clobbers rdi).
     pub fn submit(&mut self, slot: u64, head: u16) -> Result<(), IcedError> {
-        let a = &mut self.a;
-        a.mov(rdi, AVAIL)?;
-        a.mov(word_ptr(rdi + 4 + 2 * slot as i32), head as u32)?;
-        a.mov(word_ptr(rdi + 2), (slot + 1) as u32)?;
-        a.mov(word_ptr(rsi + NOTIFY_CFG_OFFSET as i32), 0u32)
+        let q = guest_driver::GuestQueue::at(0, QUEUE_SIZE, DESC, AVAIL, USED);
+        guest_driver::publish(&mut self.a, q, slot as u16, head)?;
+        self.a.mov(word_ptr(rsi + NOTIFY_CFG_OFFSET as i32), 0u32)
     }
 
     /// Wait (bounded) until [`interrupt_handler`] has counted `n` interrupts; if none comes,

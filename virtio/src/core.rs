@@ -7,9 +7,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::device::{Activation, DeviceError, InterruptCause, VirtioDevice, VirtioInterrupt};
+use crate::events::{DeviceEvents, RetryTimer};
+use crate::memory::VirtioMemory;
+use crate::persist::{CoreState, QueueSnapshot, StateError};
+use crate::queue_server::{QueueServers, ServeOutcome};
 use crate::spec::*;
 
 /// Counters of driver mistakes and device events; every ignored guest action is counted here.
@@ -97,17 +101,23 @@ pub struct TransportCore<D, M = GuestMemoryMmap> {
     activated: bool,
     generation: Arc<AtomicU32>,
     metrics: TransportMetrics,
+    last_error: Option<DeviceError>,
+    corrupt_rings: u64,
+    events: Option<Arc<DeviceEvents>>,
+    servers: Arc<QueueServers>,
 }
 
 impl<D, M> TransportCore<D, M>
 where
     D: VirtioDevice<M>,
-    M: GuestMemory + Clone + Send + Sync + 'static,
+    M: VirtioMemory,
 {
     /// A core for `device`, whose queues live in `mem`, signalling through `interrupt`.
     pub fn new(device: D, mem: M, interrupt: Arc<dyn VirtioInterrupt>) -> Self {
         let queues = Self::fresh_queues(&device);
+        let servers = Arc::new(QueueServers::new(queues.len()));
         Self {
+            servers,
             device,
             mem,
             interrupt,
@@ -121,6 +131,10 @@ where
             activated: false,
             generation: Arc::new(AtomicU32::new(0)),
             metrics: TransportMetrics::default(),
+            last_error: None,
+            corrupt_rings: 0,
+            // Without an eventfd (fd limit) there are no device events: kicks still work.
+            events: DeviceEvents::new().ok().map(Arc::new),
         }
     }
 
@@ -155,7 +169,9 @@ where
 
     /// Counters.
     pub fn metrics(&self) -> TransportMetrics {
-        self.metrics
+        let mut m = self.metrics;
+        m.notifies += self.servers.notifies();
+        m
     }
 
     /// Count a register access the transport could not decode.
@@ -302,14 +318,24 @@ where
             state.event_idx_enabled = event_idx;
             let valid_state = Queue::try_from(state).ok();
             match valid_state {
-                Some(nq) if !nq.ready() || nq.is_valid(&self.mem) => queues.push(nq),
+                Some(nq) if !nq.ready() || nq.is_valid(&*self.mem.memory()) => queues.push(nq),
                 _ => {
                     self.fail_activation();
                     return;
                 }
             }
         }
+        // One retry timer per queue, its source declared with the device's own.
+        let mut sources = Vec::with_capacity(queues.len());
+        let retry_timers = (0..queues.len() as u16)
+            .map(|q| {
+                let (timer, source) = RetryTimer::new(q).ok()?;
+                sources.push(source);
+                Some(timer)
+            })
+            .collect();
         let activation = Activation {
+            retry_timers,
             mem: self.mem.clone(),
             queues,
             interrupt: Arc::new(CountingInterrupt {
@@ -319,8 +345,18 @@ where
             acked_features: self.driver_features,
         };
         match self.device.activate(activation) {
-            Ok(()) => self.activated = true,
-            Err(_) => self.fail_activation(),
+            Ok(()) => {
+                self.activated = true;
+                sources.extend(self.device.event_sources());
+                if let Some(events) = &self.events {
+                    events.set(sources);
+                }
+                self.servers.install(self.device.queue_servers());
+            }
+            Err(e) => {
+                self.last_error = Some(e);
+                self.fail_activation();
+            }
         }
     }
 
@@ -330,7 +366,10 @@ where
     }
 
     /// Set `DEVICE_NEEDS_RESET` and tell the driver (virtio 1.2 §2.1.2).
+    /// Queue servers stop (waiting for running ones): none runs again until the driver resets
+    /// the device.
     pub fn needs_reset(&mut self) {
+        self.servers.clear();
         if self.status & STATUS_NEEDS_RESET == 0 {
             self.status |= STATUS_NEEDS_RESET;
             self.config_changed();
@@ -340,6 +379,11 @@ where
     /// Reset: the device and every queue return to their initial state.
     pub fn reset(&mut self) {
         self.activated = false;
+        if let Some(events) = &self.events {
+            events.clear();
+        }
+        // Waits for running queue servers: after this no server touches the rings.
+        self.servers.clear();
         self.device.reset();
         self.status = 0;
         self.device_features_select = 0;
@@ -349,6 +393,94 @@ where
         self.queue_select = 0;
         self.queues = Self::fresh_queues(&self.device);
         self.metrics.resets += 1;
+    }
+
+    /// The transport-independent state (see [`crate::persist`]): take it from a quiescent
+    /// device (nothing in flight). The queue positions of an active device are read from
+    /// each ready queue's used ring.
+    pub fn save(&self) -> CoreState {
+        let queues = self
+            .queues
+            .iter()
+            .map(|q| {
+                let mut snap = QueueSnapshot::from(q);
+                if self.activated
+                    && q.ready()
+                    && let Ok(idx) = q.used_idx(&*self.mem.memory(), Ordering::Acquire)
+                {
+                    // Quiescent: every chain taken is on the used ring.
+                    snap.next_used = idx.0;
+                    snap.next_avail = idx.0;
+                }
+                snap
+            })
+            .collect();
+        CoreState {
+            status: self.status,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            driver_features: self.driver_features,
+            queue_select: self.queue_select,
+            queues,
+            config_generation: self.config_generation(),
+            activated: self.activated,
+        }
+    }
+
+    /// Restore `state` into this core, which must be fresh (never activated) around a freshly
+    /// built device of the same kind; a state saved while active activates the device.
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::Mismatch`] when the state does not fit the device (queue count or sizes,
+    /// unoffered features) or the restored activation fails; [`StateError::Queue`] for an
+    /// invalid queue. The core is left reset on error.
+    pub fn restore(&mut self, state: &CoreState) -> Result<(), StateError> {
+        let r = self.try_restore(state);
+        if r.is_err() {
+            self.reset();
+        }
+        r
+    }
+
+    fn try_restore(&mut self, state: &CoreState) -> Result<(), StateError> {
+        if self.activated {
+            return Err(StateError::Mismatch("core already active"));
+        }
+        let maxes = self.device.queue_max_sizes();
+        if state.queues.len() != maxes.len()
+            || state
+                .queues
+                .iter()
+                .zip(maxes)
+                .any(|(q, &m)| q.max_size != m)
+        {
+            return Err(StateError::Mismatch("queue count or sizes"));
+        }
+        if state.driver_features & !self.device.device_features() != 0 {
+            return Err(StateError::Mismatch("unoffered features"));
+        }
+        let queues = state
+            .queues
+            .iter()
+            .map(QueueSnapshot::to_queue)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.status = state.status;
+        self.device_features_select = state.device_features_select;
+        self.driver_features_select = state.driver_features_select;
+        self.driver_features = state.driver_features;
+        self.unknown_features = false;
+        self.queue_select = state.queue_select;
+        self.queues = queues;
+        self.generation
+            .store(state.config_generation, Ordering::Release);
+        if state.activated {
+            self.activate();
+            if !self.activated {
+                return Err(StateError::Mismatch("the restored activation failed"));
+            }
+        }
+        Ok(())
     }
 
     /// Number of queues.
@@ -461,8 +593,33 @@ where
             return;
         }
         self.metrics.notifies += 1;
-        if let Err(e) = self.device.queue_notify(index) {
+        self.run_queue(index);
+    }
+
+    /// Run queue `index`: its server (see [`crate::queue_server`]) if it has one, otherwise
+    /// the device's `queue_notify`.
+    fn run_queue(&mut self, index: u16) {
+        let r = match self.servers.run(index) {
+            ServeOutcome::NotServed => self.device.queue_notify(index),
+            ServeOutcome::Done => Ok(()),
+            ServeOutcome::Failed { error, .. } => Err(error),
+        };
+        if let Err(e) = r {
             self.device_error(e);
+        }
+    }
+
+    /// The queue servers, for a notify worker to run outside the transport lock.
+    pub fn queue_servers(&self) -> Arc<QueueServers> {
+        self.servers.clone()
+    }
+
+    /// A queue server of activation `epoch` failed (reported by the notify worker, which ran
+    /// it without the transport lock): a device error, unless the driver reset the device
+    /// since (then the error belongs to a gone activation and is dropped).
+    pub fn server_error(&mut self, epoch: u64, error: DeviceError) {
+        if epoch == self.servers.epoch() && self.activated {
+            self.device_error(error);
         }
     }
 
@@ -474,9 +631,25 @@ where
         if !self.runs_queue(index) {
             return;
         }
-        if let Err(e) = self.device.queue_notify(index) {
+        self.run_queue(index);
+    }
+
+    /// A declared event source with `EventAction::Device(token)` fired: forward it to the
+    /// device while it is active (ignored otherwise, uncounted). A device error sets
+    /// `DEVICE_NEEDS_RESET`.
+    pub fn device_event(&mut self, token: u32) {
+        if !self.activated || self.status & STATUS_NEEDS_RESET != 0 {
+            return;
+        }
+        if let Err(e) = self.device.handle_event(token) {
             self.device_error(e);
         }
+    }
+
+    /// The device's event sources, for a notify worker to serve (`None` if the registry could
+    /// not be created).
+    pub fn device_events(&self) -> Option<Arc<DeviceEvents>> {
+        self.events.clone()
     }
 
     /// Whether queue `index` may run: the device is active, has the queue, and does not need
@@ -491,10 +664,35 @@ where
         self.notify(index);
     }
 
-    /// Record a device error reported outside [`Self::notify`] (e.g. from a worker).
-    pub fn device_error(&mut self, _error: DeviceError) {
+    /// Record a device error reported outside [`Self::notify`] (e.g. from a worker): count it,
+    /// set `DEVICE_NEEDS_RESET` and keep it as [`Self::last_device_error`].
+    pub fn device_error(&mut self, error: DeviceError) {
         self.metrics.device_errors += 1;
+        if matches!(error, DeviceError::Queue { .. }) {
+            self.corrupt_rings += 1;
+        }
+        self.last_error = Some(error);
         self.needs_reset();
+    }
+
+    /// Device errors that were a corrupt ring ([`DeviceError::Queue`], the shared policy of
+    /// [`crate::queue_pass`]): each also set `DEVICE_NEEDS_RESET` and counts in
+    /// [`TransportMetrics::device_errors`]. (A separate counter: `TransportMetrics` keeps its
+    /// fields, which VMMs print.)
+    pub fn corrupt_rings(&self) -> u64 {
+        self.corrupt_rings
+    }
+
+    /// The last error the device reported (from activation, a notification or a worker), with
+    /// its whole `source()` chain; kept across a reset so a VMM can still log why the driver
+    /// had to reset, until [`Self::take_last_device_error`] or the next error replaces it.
+    pub fn last_device_error(&self) -> Option<&DeviceError> {
+        self.last_error.as_ref()
+    }
+
+    /// Take [`Self::last_device_error`] out (e.g. to log it once).
+    pub fn take_last_device_error(&mut self) -> Option<DeviceError> {
+        self.last_error.take()
     }
 
     /// A driver read of the device configuration space.

@@ -1,16 +1,20 @@
 //! The transport-agnostic device side: [`VirtioDevice`], the [`VirtioInterrupt`] handle it
 //! receives at activation, and [`Activation`], which bundles memory, queues and interrupt and
-//! runs the queue-processing loop (EVENT_IDX aware) so a device only supplies per-chain logic.
+//! runs the shared queue pass ([`crate::queue_pass`]) so a device only supplies per-chain logic.
 
 use std::io;
-use std::num::Wrapping;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use thiserror::Error;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{GuestMemory, GuestMemoryMmap};
+use virtio_queue::{DescriptorChain, Queue};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::events::{EventSource, RetryTimer};
+use crate::memory::VirtioMemory;
+use crate::queue_pass::{self, ChainOutcome, Completion, PassReport, QueueContext, Retry};
+use crate::queue_server::QueueServer;
 
 /// Why a device interrupts the driver (virtio 1.2 §2.3 / §4.1.4.5 ISR bits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -34,12 +38,18 @@ pub trait VirtioInterrupt: Send + Sync {
     }
 }
 
-/// Errors a device reports to its transport; the transport then sets `DEVICE_NEEDS_RESET`.
+/// The boxed cause a device attaches to [`DeviceError::Activate`] and [`DeviceError::Backend`]:
+/// any error type, kept whole (its own `source()` chain included) so a VMM can log or match
+/// the real cause (`downcast_ref`) instead of a flattened message.
+pub type BoxedCause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Errors a device reports to its transport; the transport then sets `DEVICE_NEEDS_RESET` and
+/// keeps the error readable (`TransportCore::last_device_error`).
 #[derive(Debug, Error)]
 pub enum DeviceError {
     /// The device could not start (e.g. a ready queue is unusable).
-    #[error("activation failed: {0}")]
-    Activate(String),
+    #[error("activation failed")]
+    Activate(#[source] BoxedCause),
     /// A queue's rings are corrupt (e.g. the available index moved too far).
     #[error("queue {index} failed")]
     Queue {
@@ -53,8 +63,8 @@ pub enum DeviceError {
     #[error("interrupt failed")]
     Interrupt(#[source] io::Error),
     /// The backend failed in a way the device cannot report in a request status.
-    #[error("backend failed: {0}")]
-    Backend(String),
+    #[error("backend failed")]
+    Backend(#[source] BoxedCause),
 }
 
 /// Everything a device gets when the driver sets `DRIVER_OK`.
@@ -70,6 +80,8 @@ pub struct Activation<M = GuestMemoryMmap> {
     pub interrupt: Arc<dyn VirtioInterrupt>,
     /// Features the driver accepted (a subset of the device's).
     pub acked_features: u64,
+    /// One retry timer per queue (see [`Self::retry_after`]); `None` where none could be made.
+    pub(crate) retry_timers: Vec<Option<RetryTimer>>,
 }
 
 /// What one pass over a queue did.
@@ -81,60 +93,96 @@ pub struct QueueWork {
     pub interrupts: u64,
 }
 
-impl<M: GuestMemory> Activation<M> {
+impl<M> Activation<M> {
+    /// Run queue `index` again after `after` without a driver notification: arms the queue's
+    /// retry timer, an event source the transport declared for it (the notify worker then
+    /// wakes the queue). [`Self::run_queue`] calls it for `Retry::After`; a device with its own
+    /// loop (a throttled virtio-blk queue) calls it directly.
+    ///
+    /// # Errors
+    ///
+    /// [`DeviceError::Backend`] when the queue has no timer or arming it failed (the retry
+    /// would never come).
+    pub fn retry_after(&mut self, index: u16, after: Duration) -> Result<(), DeviceError> {
+        match self.retry_timers.get_mut(index as usize) {
+            Some(Some(t)) => t.arm(after).map_err(|e| DeviceError::Backend(Box::new(e))),
+            _ => Err(DeviceError::Backend("no retry timer for the queue".into())),
+        }
+    }
+}
+
+impl<M: VirtioMemory> Activation<M> {
     /// Whether feature bit `bit` was negotiated.
     pub fn has_feature(&self, bit: u32) -> bool {
         bit < 64 && self.acked_features & (1 << bit) != 0
     }
 
-    /// Take every available chain of queue `index`, hand it to `handle` (which returns the
-    /// number of bytes it wrote into the chain's writable buffers), put it on the used ring and
-    /// signal the driver when the ring's suppression rules (EVENT_IDX or NO_INTERRUPT) ask for
-    /// it. A queue that is not ready or does not exist is left alone.
+    /// Run one [`queue_pass::run`] over queue `index` with `handle` deciding each chain
+    /// (used / in flight / retry). A queue that is not ready or does not exist is left alone.
+    ///
+    /// # Errors
+    ///
+    /// A corrupt ring or a failed interrupt (see [`queue_pass::run`]).
+    pub fn run_queue<F>(&mut self, index: u16, handle: F) -> Result<PassReport, DeviceError>
+    where
+        F: FnMut(DescriptorChain<&M::Memory>) -> ChainOutcome,
+    {
+        let Some(queue) = self.queues.get_mut(index as usize) else {
+            return Ok(PassReport::default());
+        };
+        let mem = self.mem.memory();
+        let ctx = QueueContext {
+            index,
+            queue,
+            mem: &*mem,
+            interrupt: &*self.interrupt,
+        };
+        let report = queue_pass::run(ctx, handle)?;
+        drop(mem);
+        if let Some(Retry::After(after)) = report.retry {
+            self.retry_after(index, after)?;
+        }
+        Ok(report)
+    }
+
+    /// Put chains that were [`ChainOutcome::InFlight`] on queue `index`'s used ring
+    /// ([`queue_pass::complete`]).
+    ///
+    /// # Errors
+    ///
+    /// A head outside the queue, a used ring outside memory, or a failed interrupt.
+    pub fn complete<I>(&mut self, index: u16, done: I) -> Result<PassReport, DeviceError>
+    where
+        I: IntoIterator<Item = Completion>,
+    {
+        let Some(queue) = self.queues.get_mut(index as usize) else {
+            return Ok(PassReport::default());
+        };
+        let mem = self.mem.memory();
+        let ctx = QueueContext {
+            index,
+            queue,
+            mem: &*mem,
+            interrupt: &*self.interrupt,
+        };
+        queue_pass::complete(ctx, done)
+    }
+
+    /// [`Self::run_queue`] for a device that finishes every chain at once: `handle` returns
+    /// the number of bytes it wrote into the chain's writable buffers.
+    ///
+    /// # Errors
+    ///
+    /// A corrupt ring or a failed interrupt (see [`queue_pass::run`]).
     pub fn process_queue<F>(&mut self, index: u16, mut handle: F) -> Result<QueueWork, DeviceError>
     where
-        F: FnMut(DescriptorChain<&M>) -> u32,
+        F: FnMut(DescriptorChain<&M::Memory>) -> u32,
     {
-        let mut work = QueueWork::default();
-        let Some(queue) = self.queues.get_mut(index as usize) else {
-            return Ok(work);
-        };
-        if !queue.ready() {
-            return Ok(work);
-        }
-        let qerr = |source| DeviceError::Queue { index, source };
-        let mem = &self.mem;
-        let mut idle_passes = 0;
-        loop {
-            queue.disable_notification(mem).map_err(qerr)?;
-            // A driver that moved `avail.idx` more than a ring ahead corrupted the queue
-            // (virtio-queue would just yield nothing, forever).
-            let avail = queue.avail_idx(mem, Ordering::Acquire).map_err(qerr)?;
-            if (avail - Wrapping(queue.next_avail())).0 > queue.size() {
-                return Err(qerr(virtio_queue::Error::InvalidAvailRingIndex));
-            }
-            let mut added = false;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                let len = handle(chain);
-                queue.add_used(mem, head, len).map_err(qerr)?;
-                work.chains += 1;
-                added = true;
-            }
-            if added && queue.needs_notification(mem).map_err(qerr)? {
-                self.interrupt
-                    .signal(InterruptCause::Queue(index))
-                    .map_err(DeviceError::Interrupt)?;
-                work.interrupts += 1;
-            }
-            // Re-enable notifications; if the driver added chains meanwhile, go again. Two
-            // passes in a row that find nothing to pop (a head the ring cannot yield) end it.
-            idle_passes = if added { 0 } else { idle_passes + 1 };
-            if !queue.enable_notification(mem).map_err(qerr)? || idle_passes > 1 {
-                break;
-            }
-        }
-        Ok(work)
+        let report = self.run_queue(index, |chain| ChainOutcome::Used(handle(chain)))?;
+        Ok(QueueWork {
+            chains: report.used,
+            interrupts: report.interrupts,
+        })
     }
 }
 
@@ -217,4 +265,26 @@ pub trait VirtioDevice<M = GuestMemoryMmap>: Send {
 
     /// The driver reset the device: drop the activation and return to the initial state.
     fn reset(&mut self);
+
+    /// The device's own event sources (completion eventfds, tap fds, timers), asked once right
+    /// after a successful [`Self::activate`]; the transport publishes them, with a retry timer
+    /// per queue, for the notify worker to serve (see [`crate::events`]) and drops them at
+    /// reset. The default declares none.
+    fn event_sources(&self) -> Vec<EventSource> {
+        Vec::new()
+    }
+
+    /// Queues the device serves apart from the transport lock (see [`crate::queue_server`]),
+    /// asked once right after a successful [`Self::activate`] (take each queue out with
+    /// [`Activation::take_queue`]). Notifications of these queues go to their server instead
+    /// of [`Self::queue_notify`]. The default serves none apart.
+    fn queue_servers(&mut self) -> Vec<(u16, Box<dyn QueueServer>)> {
+        Vec::new()
+    }
+
+    /// A declared source with `EventAction::Device(token)` fired. Called only while active.
+    /// An error makes the transport set `DEVICE_NEEDS_RESET`. The default ignores it.
+    fn handle_event(&mut self, _token: u32) -> Result<(), DeviceError> {
+        Ok(())
+    }
 }

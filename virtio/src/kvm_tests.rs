@@ -19,7 +19,8 @@ use vmkit_devices::{IoBuses, IrqLine};
 use vmkit_vcpu::test_utils::{CODE_ADDR, DATA_ADDR, HarnessError, TinyGuest};
 use vmkit_vcpu::{ExitStats, KvmVcpu, KvmVm, RunOutcome, StopHandle};
 
-use crate::notify::{DoorbellBinding, NotifyWorker, register_ioeventfds};
+use crate::doorbell::DoorbellBinding;
+use crate::notify::{NotifyWorker, register_ioeventfds};
 use crate::pci::{ISR_CFG_OFFSET, MSIX_TABLE_OFFSET, NOTIFY_CFG_OFFSET, VirtioPciTransport};
 use crate::rng::Rng;
 
@@ -331,27 +332,19 @@ fn kvm_doorbell_ioeventfd_follows_bar_relocation() {
 /// `msix_vector` when given), DRIVER_OK; then descriptor 0 as a 16-byte device-writable buffer
 /// at BUF (not yet published).
 fn bring_up_rng_queue(a: &mut CodeAssembler, msix_vector: Option<u16>) -> Result<(), IcedError> {
-    a.mov(byte_ptr(rsi + 0x14), 1u32)?; // ACKNOWLEDGE
-    a.mov(byte_ptr(rsi + 0x14), 3u32)?; // DRIVER
-    a.mov(dword_ptr(rsi + 0x08), 1u32)?; // driver_feature_select = 1
-    a.mov(dword_ptr(rsi + 0x0c), 1u32)?; // VIRTIO_F_VERSION_1
-    a.mov(byte_ptr(rsi + 0x14), 0xbu32)?; // FEATURES_OK
-    a.mov(word_ptr(rsi + 0x16), 0u32)?; // queue_select
-    a.mov(word_ptr(rsi + 0x18), 16u32)?; // queue_size
-    for (off, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
-        a.mov(dword_ptr(rsi + off), addr as u32)?;
-        a.mov(dword_ptr(rsi + off + 4), 0u32)?;
-    }
-    if let Some(v) = msix_vector {
-        a.mov(word_ptr(rsi + 0x1a), u32::from(v))?; // queue_msix_vector
-    }
-    a.mov(word_ptr(rsi + 0x1c), 1u32)?; // queue_enable
-    a.mov(byte_ptr(rsi + 0x14), 0xfu32)?; // DRIVER_OK
-    a.mov(rdi, DESC)?;
-    a.mov(rax, BUF)?;
-    a.mov(qword_ptr(rdi), rax)?;
-    a.mov(dword_ptr(rdi + 8), 16u32)?;
-    a.mov(word_ptr(rdi + 12), 2u32) // VRING_DESC_F_WRITE
+    use crate::guest_driver::{GuestQueue, virtio_pci_bring_up, write_descriptor};
+    let mut q = GuestQueue::at(0, 16, DESC, AVAIL, USED);
+    q.msix_vector = msix_vector;
+    virtio_pci_bring_up(a, rsi, 1 << crate::spec::VIRTIO_F_VERSION_1, &[q])?;
+    write_descriptor(
+        a,
+        DESC,
+        0,
+        BUF,
+        16,
+        crate::spec::VRING_DESC_F_WRITE as u16,
+        0,
+    )
 }
 
 fn msix_rng_guest(relocate_to: Option<u64>) {
@@ -365,12 +358,9 @@ fn msix_rng_guest(relocate_to: Option<u64>) {
     } as u32;
     let cfg_write =
         |a: &mut CodeAssembler, reg: u32, v: u32, word: bool| -> Result<(), IcedError> {
-            a.mov(dx, 0xcf8u32)?;
-            a.mov(eax, 0x8000_0000 | DEV << 11 | (reg & 0xfc))?;
-            a.out(dx, eax)?;
-            a.mov(dx, 0xcfc + (reg & 3))?;
-            a.mov(eax, v)?;
-            if word { a.out(dx, ax) } else { a.out(dx, eax) }
+            use crate::guest_driver::{Width, pci_cfg_write};
+            let width = if word { Width::Word } else { Width::Dword };
+            pci_cfg_write(a, 0, (DEV as u8) << 3, reg as u16, v, width)
         };
     let (vm, mut vcpu, mem) = irq_guest(
         |a| {
@@ -381,11 +371,7 @@ fn msix_rng_guest(relocate_to: Option<u64>) {
             cfg_write(a, 0x04, 0x6, true)?; // memory space + bus master
             cfg_write(a, cap + 2, 0x8000, true)?; // MSI-X enable
             a.mov(rsi, BAR)?;
-            let e = MSIX_TABLE_OFFSET as i32 + 16; // table entry 1
-            a.mov(dword_ptr(rsi + e), LAPIC_BASE as u32)?;
-            a.mov(dword_ptr(rsi + e + 4), 0u32)?;
-            a.mov(dword_ptr(rsi + e + 8), VECTOR)?;
-            a.mov(dword_ptr(rsi + e + 12), 0u32)?; // unmask
+            crate::guest_driver::msix_entry(a, rsi, MSIX_TABLE_OFFSET, 1, LAPIC_BASE, VECTOR)?;
             bring_up_rng_queue(a, Some(1))?;
             // Publish descriptor 0.
             a.mov(rdi, AVAIL)?;
@@ -440,10 +426,19 @@ fn msix_rng_guest(relocate_to: Option<u64>) {
     // The guest will put BAR 0 at BAR: register the doorbell ioeventfd there.
     let doorbells = f.lock().unwrap().notify_addresses(BAR);
     let fds = register_ioeventfds(vm.fd(), &doorbells).unwrap();
-    if relocate_to.is_some() {
-        let binding = DoorbellBinding::new(dup_vm_fd(&vm).unwrap(), &fds, BAR).unwrap();
-        f.lock().unwrap().bind_doorbells(binding);
-    }
+    // The binding observes the root bus: a BAR move is its event.
+    let rid = vmkit_devices::pci::RequesterId::new(0, DEV as u8, 0).unwrap();
+    let binding = Arc::new(
+        DoorbellBinding::new(
+            dup_vm_fd(&vm).unwrap(),
+            rid,
+            crate::pci::VIRTIO_PCI_BAR,
+            &fds,
+            BAR,
+        )
+        .unwrap(),
+    );
+    root.observe(binding.clone());
     let worker = NotifyWorker::spawn(f.clone(), fds).unwrap();
 
     let mut stats = ExitStats::default();
@@ -453,10 +448,8 @@ fn msix_rng_guest(relocate_to: Option<u64>) {
     let m = t.metrics();
     assert_eq!(r, RunOutcome::Stopped(1), "{m:?} {:?}", msix.stats());
     assert_eq!((m.notifies, m.trapped_notifies), (1, 0), "{m:?}");
-    if let Some(to) = relocate_to {
-        let b = t.doorbells().expect("bound doorbells");
-        assert_eq!((b.base(), b.failures()), (Some(to), 0));
-    }
+    let want = relocate_to.unwrap_or(BAR);
+    assert_eq!((binding.base(), binding.failures()), (Some(want), 0));
     assert_eq!(m.bad_register_accesses, 0);
     assert_eq!(msix.stats().delivered, 1);
     assert_eq!(t.device().metrics().bytes, 16);

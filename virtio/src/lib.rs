@@ -19,12 +19,22 @@
 #![deny(missing_docs)]
 
 mod core;
+pub mod counters;
 pub mod device;
+pub mod doorbell;
+pub mod events;
+pub mod guest_access;
+#[cfg(any(test, feature = "guest-driver"))]
+pub mod guest_driver;
 mod intx;
 pub mod memory;
 pub mod mmio;
 pub mod notify;
 pub mod pci;
+pub mod persist;
+pub mod queue_pass;
+pub mod queue_server;
+pub mod rate_limiter;
 pub mod rng;
 pub mod spec;
 #[cfg(any(test, feature = "test-utils"))]
@@ -32,17 +42,27 @@ pub mod test_utils;
 
 pub use crate::core::{Ring, TransportCore, TransportMetrics};
 pub use device::{
-    Activation, DeviceError, InterruptCause, QueueWork, VirtioDevice, VirtioInterrupt,
+    Activation, BoxedCause, DeviceError, InterruptCause, QueueWork, VirtioDevice, VirtioInterrupt,
 };
 pub use spec::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 #[cfg(test)]
+mod kvm_multi_tests;
+#[cfg(test)]
 mod kvm_tests;
+#[cfg(test)]
+mod memory_kinds_tests;
 #[cfg(test)]
 mod pci_cfg_tests;
 #[cfg(test)]
 mod pci_intx_tests;
 #[cfg(test)]
 mod pci_tests;
+#[cfg(test)]
+mod persist_tests;
+#[cfg(test)]
+mod queue_pass_tests;
+#[cfg(test)]
+mod queue_server_tests;
 #[cfg(test)]
 mod tests;

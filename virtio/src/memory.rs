@@ -1,4 +1,17 @@
-//! [`CachedMemory`]: a `GuestMemory` view for the hot path of queue processing.
+//! Guest memory for devices: [`VirtioMemory`], what a transport and its device can be built
+//! over (`GuestMemoryMmap`, `IommuMemory` with feature `iommu`, and `GuestMemoryAtomic` for
+//! memory hot-plug), and [`CachedMemory`], a `GuestMemory` view for the hot path of queue
+//! processing.
+//!
+//! ## `VirtioMemory`
+//!
+//! A device works on a *snapshot* of guest memory for the length of one queue pass
+//! ([`VirtioMemory::memory`]): for plain and IOMMU memory that is a borrow of the memory
+//! itself (no cost); for vm-memory's `GuestMemoryAtomic` — how a VMM that hot-plugs memory
+//! (Cloud Hypervisor) shares it — it is the current `GuestMemoryLoadGuard`, so a region added
+//! between two passes is seen by the next one, and a pass never sees memory change under it.
+//!
+//! ## `CachedMemory`
 //!
 //! vm-memory 0.18 reaches every guest access through `GuestMemory::get_slices`: a region
 //! lookup (binary search), a slice iterator, a peekable adapter and a fold, even for the 2-byte
@@ -29,6 +42,7 @@
 
 use std::cell::Cell;
 use std::iter::FusedIterator;
+use std::ops::Deref;
 
 use vm_memory::bitmap::BS;
 use vm_memory::guest_memory::{GuestMemoryBackendSliceIterator, GuestMemorySliceIterator};
@@ -36,6 +50,57 @@ use vm_memory::{
     Address, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
     Permissions, VolatileSlice,
 };
+
+/// Guest memory a transport and its device can be built over (see the
+/// [module docs](self#virtiomemory)).
+pub trait VirtioMemory: Clone + Send + Sync + 'static {
+    /// The memory a pass works on.
+    type Memory: GuestMemory;
+    /// A snapshot of it, held for one pass.
+    type Guard<'a>: Deref<Target = Self::Memory>
+    where
+        Self: 'a;
+    /// The memory as it is now.
+    fn memory(&self) -> Self::Guard<'_>;
+}
+
+impl<B> VirtioMemory for vm_memory::GuestMemoryMmap<B>
+where
+    B: vm_memory::bitmap::Bitmap + 'static,
+    Self: Clone + Send + Sync,
+{
+    type Memory = Self;
+    type Guard<'a> = &'a Self;
+    fn memory(&self) -> &Self {
+        self
+    }
+}
+
+#[cfg(feature = "iommu")]
+impl<M, I> VirtioMemory for vm_memory::IommuMemory<M, I>
+where
+    M: GuestMemoryBackend + Clone + Send + Sync + 'static,
+    I: vm_memory::Iommu + 'static,
+    Self: Clone + Send + Sync,
+{
+    type Memory = Self;
+    type Guard<'a> = &'a Self;
+    fn memory(&self) -> &Self {
+        self
+    }
+}
+
+impl<M> VirtioMemory for vm_memory::GuestMemoryAtomic<M>
+where
+    M: GuestMemory + Send + Sync + 'static,
+    Self: Clone + Send + Sync,
+{
+    type Memory = M;
+    type Guard<'a> = vm_memory::GuestMemoryLoadGuard<M>;
+    fn memory(&self) -> vm_memory::GuestMemoryLoadGuard<M> {
+        vm_memory::GuestAddressSpace::memory(self)
+    }
+}
 
 /// A `GuestMemory` over a plain `GuestMemoryBackend` that serves accesses inside the last
 /// region it used without a lookup. Not `Sync`: one per worker thread.

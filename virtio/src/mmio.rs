@@ -12,11 +12,13 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use vm_memory::{GuestMemory, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmkit_devices::{InterruptSource, MutBusDevice};
 
 use crate::core::{Ring, TransportCore, TransportMetrics};
 use crate::device::{InterruptCause, VirtioDevice, VirtioInterrupt};
+use crate::memory::VirtioMemory;
+use crate::persist::{MmioTransportState, StateError};
 use crate::spec::*;
 
 /// Size of the register window of one virtio-mmio device.
@@ -176,7 +178,7 @@ pub struct MmioTransport<D, M = GuestMemoryMmap> {
 impl<D, M> MmioTransport<D, M>
 where
     D: VirtioDevice<M>,
-    M: GuestMemory + Clone + Send + Sync + 'static,
+    M: VirtioMemory,
 {
     /// `device` with its queues in `mem`, interrupting through `line`.
     pub fn new(device: D, mem: M, line: Arc<dyn InterruptSource>) -> Self {
@@ -189,6 +191,26 @@ where
             core: TransportCore::new(device, mem, Arc::new(irq)),
             interrupt_status,
         }
+    }
+
+    /// The transport state (see [`crate::persist`]); take it from a quiescent device.
+    pub fn save(&self) -> MmioTransportState {
+        MmioTransportState {
+            core: self.core.save(),
+            interrupt_status: self.interrupt_status.load(Ordering::Acquire),
+        }
+    }
+
+    /// Restore `state` into this fresh transport (around a freshly built device).
+    ///
+    /// # Errors
+    ///
+    /// See [`TransportCore::restore`].
+    pub fn restore(&mut self, state: &MmioTransportState) -> Result<(), StateError> {
+        self.core.restore(&state.core)?;
+        self.interrupt_status
+            .store(state.interrupt_status, Ordering::Release);
+        Ok(())
     }
 
     /// The shared transport core (status, features, queues, device).
@@ -300,7 +322,7 @@ where
 impl<D, M> MutBusDevice for MmioTransport<D, M>
 where
     D: VirtioDevice<M>,
-    M: GuestMemory + Clone + Send + Sync + 'static,
+    M: VirtioMemory,
 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
@@ -323,5 +345,31 @@ where
             }
             Err(_) => self.core.count_bad_access(),
         }
+    }
+}
+
+// Notifications from the notify worker (ioeventfds, wake-ups, device events, queue servers).
+impl<D, M> crate::notify::QueueNotify for MmioTransport<D, M>
+where
+    D: VirtioDevice<M>,
+    M: VirtioMemory,
+{
+    fn notify_queue(&mut self, index: u16) {
+        MmioTransport::notify_queue(self, index)
+    }
+    fn wake_queue(&mut self, index: u16) {
+        MmioTransport::wake_queue(self, index)
+    }
+    fn device_event(&mut self, token: u32) {
+        self.core_mut().device_event(token)
+    }
+    fn device_events(&self) -> Option<Arc<crate::events::DeviceEvents>> {
+        self.core().device_events()
+    }
+    fn queue_servers(&self) -> Option<Arc<crate::queue_server::QueueServers>> {
+        Some(self.core().queue_servers())
+    }
+    fn server_error(&mut self, epoch: u64, error: crate::DeviceError) {
+        self.core_mut().server_error(epoch, error)
     }
 }

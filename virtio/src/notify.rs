@@ -7,7 +7,7 @@
 //! vmkit-devices (`KvmIrqRouter::attach_msix`); the transports then use them automatically.
 //!
 //! ```no_run
-//! use std::sync::{Arc, Mutex};
+//! use std::sync::{Arc, Condvar, Mutex, PoisonError};
 //! use vmkit_virtio::notify::{NotifyWorker, register_ioeventfds};
 //! # fn f(vm: &kvm_ioctls::VmFd, t: Arc<Mutex<vmkit_virtio::pci::VirtioPciTransport<vmkit_virtio::rng::Rng>>>) -> Result<(), Box<dyn std::error::Error>> {
 //! let bar = t.lock().unwrap().bar_address().unwrap_or(0);
@@ -19,18 +19,17 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use thiserror::Error;
-use vm_memory::GuestMemory;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::device::VirtioDevice;
-use crate::mmio::MmioTransport;
-use crate::pci::VirtioPciTransport;
+use crate::device::DeviceError;
+use crate::events::{DeviceEvents, EventAction, EventPoller};
+use crate::queue_server::{QueueServers, ServeOutcome};
 
 /// Errors setting up notification paths.
 #[derive(Debug, Error)]
@@ -60,32 +59,24 @@ pub trait QueueNotify: Send {
     fn wake_queue(&mut self, index: u16) {
         self.notify_queue(index);
     }
-}
 
-impl<D, M> QueueNotify for MmioTransport<D, M>
-where
-    D: VirtioDevice<M>,
-    M: GuestMemory + Clone + Send + Sync + 'static,
-{
-    fn notify_queue(&mut self, index: u16) {
-        MmioTransport::notify_queue(self, index)
-    }
-    fn wake_queue(&mut self, index: u16) {
-        MmioTransport::wake_queue(self, index)
-    }
-}
+    /// A device event source with `EventAction::Device(token)` fired. The default ignores it.
+    fn device_event(&mut self, _token: u32) {}
 
-impl<D, M> QueueNotify for VirtioPciTransport<D, M>
-where
-    D: VirtioDevice<M>,
-    M: GuestMemory + Clone + Send + Sync + 'static,
-{
-    fn notify_queue(&mut self, index: u16) {
-        VirtioPciTransport::notify_queue(self, index)
+    /// The device's event sources, which a [`NotifyWorker`] serves itself (the transports
+    /// return their core's registry). The default has none.
+    fn device_events(&self) -> Option<Arc<DeviceEvents>> {
+        None
     }
-    fn wake_queue(&mut self, index: u16) {
-        VirtioPciTransport::wake_queue(self, index)
+
+    /// The queues the device serves apart from the transport lock; a [`NotifyWorker`] runs
+    /// each on a thread of its own (see [`crate::queue_server`]). The default has none.
+    fn queue_servers(&self) -> Option<Arc<QueueServers>> {
+        None
     }
+
+    /// A queue server of activation `epoch` failed while the worker ran it.
+    fn server_error(&mut self, _epoch: u64, _error: DeviceError) {}
 }
 
 /// A queue's doorbell eventfd.
@@ -141,75 +132,9 @@ pub fn unregister_ioeventfds(
     Ok(())
 }
 
-/// Doorbell ioeventfds that follow their BAR.
-///
-/// Holds KVM registrations for a transport's doorbells at `base + offset` and moves them when
-/// the guest moves the BAR (or drops them while the BAR is not decoded), so kicks keep bypassing
-/// userspace after a guest reassigns BARs. The eventfds are duplicates of the ones a
-/// [`NotifyWorker`] waits on; KVM identifies an ioeventfd by its eventfd, not the fd number.
-#[derive(Debug)]
-pub struct DoorbellBinding {
-    vm: VmFd,
-    /// (offset from the BAR base, eventfd, queue).
-    doors: Vec<(u64, EventFd, u16)>,
-    base: Option<u64>,
-    failures: u64,
-}
-
-impl DoorbellBinding {
-    /// Take over `fds`, registered (by [`register_ioeventfds`], without datamatch) for a BAR at
-    /// `base`; `vm` is an owned handle to the VM fd (e.g. `vmkit_devices::kvm_irq::dup_vm_fd`).
-    pub fn new(vm: VmFd, fds: &[QueueEventFd], base: u64) -> Result<Self, NotifyError> {
-        let mut doors = Vec::with_capacity(fds.len());
-        for q in fds {
-            let offset = q.addr.checked_sub(base).ok_or(NotifyError::Ioeventfd {
-                addr: q.addr,
-                source: vmm_sys_util::errno::Error::new(libc::EINVAL),
-            })?;
-            doors.push((offset, q.fd.try_clone().map_err(NotifyError::Io)?, q.queue));
-        }
-        Ok(Self {
-            vm,
-            doors,
-            base: Some(base),
-            failures: 0,
-        })
-    }
-
-    /// Where the doorbells are registered now (`None` while the BAR is not decoded).
-    pub fn base(&self) -> Option<u64> {
-        self.base
-    }
-
-    /// Registrations that could not be moved (those doorbells then trap, which still works).
-    pub fn failures(&self) -> u64 {
-        self.failures
-    }
-
-    /// Move the registrations to a BAR at `base` (`None`: unregister them).
-    pub fn rebind(&mut self, base: Option<u64>) {
-        if base == self.base {
-            return;
-        }
-        for (offset, fd, _) in &self.doors {
-            if let Some(old) = self.base {
-                let a = IoEventAddress::Mmio(old + offset);
-                if self.vm.unregister_ioevent(fd, &a, NoDatamatch).is_err() {
-                    self.failures += 1;
-                }
-            }
-            if let Some(new) = base {
-                let a = IoEventAddress::Mmio(new.wrapping_add(*offset));
-                if self.vm.register_ioevent(fd, &a, NoDatamatch).is_err() {
-                    self.failures += 1;
-                }
-            }
-        }
-        self.base = base;
-    }
-}
-
 const STOP_TOKEN: u64 = u64::MAX;
+/// Tokens of the device's event sources start here (doorbells and wake-ups are below).
+const DEVICE_EVENT_BASE: u64 = 1 << 32;
 
 /// A thread that waits on queue eventfds and delivers each kick to the transport.
 pub struct NotifyWorker {
@@ -218,7 +143,11 @@ pub struct NotifyWorker {
 }
 
 impl NotifyWorker {
-    /// Serve `fds` for `target` until dropped (or [`NotifyWorker::stop`]).
+    /// Serve `fds` for `target` until dropped (or [`NotifyWorker::stop`]), together with the
+    /// device's own event sources (`VirtioDevice::event_sources`, retry timers), which the
+    /// worker finds in the transport's registry ([`QueueNotify::device_events`]) and follows
+    /// across activations and resets, and the queues the device serves apart
+    /// ([`QueueNotify::queue_servers`]), each run on a thread of its own.
     pub fn spawn<T: QueueNotify + 'static>(
         target: Arc<Mutex<T>>,
         fds: Vec<QueueEventFd>,
@@ -227,9 +156,12 @@ impl NotifyWorker {
     }
 
     /// [`NotifyWorker::spawn`], and also run queue `q` whenever a `(q, fd)` of `wakeups` is
-    /// signalled: a device's own event, such as an asynchronous engine's completion eventfd
-    /// (vmkit-block's `Block::completion_eventfds`), whose pass over the queue puts finished
-    /// requests on the used ring as well as taking new ones. A wake-up reaches the target as
+    /// signalled — for devices that do not declare their events themselves (a device that
+    /// declares them needs no `wakeups`; declaring and passing both is harmless: one of the
+    /// two readers finds the count already taken). A wake-up is a device's own event, such as
+    /// an asynchronous engine's completion eventfd (vmkit-block's `Block::completion_eventfds`),
+    /// whose pass over the queue puts finished requests on the used ring as well as taking new
+    /// ones. A wake-up reaches the target as
     /// [`QueueNotify::wake_queue`], which the transports do not count as a driver
     /// notification. [`NotifyWorker::stop`] returns only the doorbells; the wake-up eventfds
     /// are closed.
@@ -260,9 +192,22 @@ impl NotifyWorker {
                 EpollEvent::new(EventSet::IN, STOP_TOKEN),
             )
             .map_err(NotifyError::Io)?;
+        // The device's own events: served from the transport's registry, which follows
+        // activation and reset.
+        let (registry, servers) = {
+            let t = target.lock().unwrap_or_else(|e| e.into_inner());
+            (t.device_events(), t.queue_servers())
+        };
+        let poller = registry
+            .map(|r| EventPoller::new(r, &epoll, DEVICE_EVENT_BASE))
+            .transpose()
+            .map_err(NotifyError::Io)?;
         let thread = std::thread::Builder::new()
             .name("virtio-notify".into())
-            .spawn(move || serve(epoll, fds, wakeups, target))
+            .spawn(move || {
+                let runners = Runners::new(servers, target.clone());
+                serve(epoll, fds, wakeups, poller, runners, target)
+            })
             .map_err(NotifyError::Io)?;
         Ok(Self {
             stop,
@@ -290,14 +235,21 @@ impl Drop for NotifyWorker {
     }
 }
 
-fn serve<T: QueueNotify>(
+fn serve<T: QueueNotify + 'static>(
     epoll: Epoll,
     fds: Vec<QueueEventFd>,
     wakeups: Vec<(u16, EventFd)>,
+    mut poller: Option<EventPoller>,
+    mut runners: Runners<T>,
     target: Arc<Mutex<T>>,
 ) -> Vec<QueueEventFd> {
-    let mut events = vec![EpollEvent::default(); fds.len() + wakeups.len() + 1];
+    let mut events = vec![EpollEvent::default(); fds.len() + wakeups.len() + 2];
     loop {
+        // Room for every source the device declared since the last wait.
+        let want = fds.len() + wakeups.len() + 2 + poller.as_ref().map_or(0, EventPoller::watched);
+        if events.len() < want {
+            events.resize(want, EpollEvent::default());
+        }
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -307,6 +259,26 @@ fn serve<T: QueueNotify>(
             let token = ev.data();
             if token == STOP_TOKEN {
                 return fds;
+            }
+            if token >= DEVICE_EVENT_BASE {
+                let action = match poller.as_mut().map(|p| p.handle(&epoll, token)) {
+                    Some(Ok(a)) => a,
+                    // Re-registering failed: stop serving device events, keep the doorbells.
+                    Some(Err(_)) => {
+                        poller = None;
+                        None
+                    }
+                    None => None,
+                };
+                match action {
+                    Some(EventAction::Queue(q)) => runners.deliver(q, true),
+                    Some(EventAction::Device(token)) => target
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .device_event(token),
+                    None => {}
+                }
+                continue;
             }
             // Tokens number the doorbells first, then the wake-ups.
             let token = token as usize;
@@ -319,13 +291,127 @@ fn serve<T: QueueNotify>(
             };
             // Coalesced kicks read as one count; one pass over the queue serves them all.
             if fd.read().is_ok() {
-                let mut t = target.lock().unwrap_or_else(|e| e.into_inner());
-                if wake {
-                    t.wake_queue(queue);
-                } else {
-                    t.notify_queue(queue);
-                }
+                runners.deliver(queue, wake);
             }
+        }
+    }
+}
+
+/// Whether a queue's runner has work, or must stop.
+#[derive(Default)]
+struct RunnerState {
+    pending: bool,
+    stop: bool,
+}
+
+/// A thread that runs one served queue whenever it is kicked (kicks coalesce).
+struct QueueRunner {
+    state: Arc<(Mutex<RunnerState>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl QueueRunner {
+    fn spawn<T: QueueNotify + 'static>(
+        q: u16,
+        servers: Arc<QueueServers>,
+        target: Arc<Mutex<T>>,
+    ) -> io::Result<Self> {
+        let state = Arc::new((Mutex::new(RunnerState::default()), Condvar::new()));
+        let st = state.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("virtio-queue-{q}"))
+            .spawn(move || {
+                loop {
+                    {
+                        let (m, cv) = &*st;
+                        let mut g = m.lock().unwrap_or_else(PoisonError::into_inner);
+                        while !g.pending && !g.stop {
+                            g = cv.wait(g).unwrap_or_else(PoisonError::into_inner);
+                        }
+                        if g.stop {
+                            return;
+                        }
+                        g.pending = false;
+                    }
+                    match servers.run(q) {
+                        ServeOutcome::Done => {}
+                        ServeOutcome::Failed { epoch, error } => target
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .server_error(epoch, error),
+                        // Reset since the kick: the device's own path decides (uncounted).
+                        ServeOutcome::NotServed => target
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .wake_queue(q),
+                    }
+                }
+            })?;
+        Ok(Self {
+            state,
+            thread: Some(thread),
+        })
+    }
+
+    fn kick(&self) {
+        let (m, cv) = &*self.state;
+        m.lock().unwrap_or_else(PoisonError::into_inner).pending = true;
+        cv.notify_one();
+    }
+}
+
+impl Drop for QueueRunner {
+    fn drop(&mut self) {
+        let (m, cv) = &*self.state;
+        m.lock().unwrap_or_else(PoisonError::into_inner).stop = true;
+        cv.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Where the worker delivers a queue's kick: its runner thread when the device serves the
+/// queue apart, the transport (under its lock) otherwise.
+struct Runners<T> {
+    servers: Option<Arc<QueueServers>>,
+    runners: Vec<Option<QueueRunner>>,
+    target: Arc<Mutex<T>>,
+}
+
+impl<T: QueueNotify + 'static> Runners<T> {
+    fn new(servers: Option<Arc<QueueServers>>, target: Arc<Mutex<T>>) -> Self {
+        let n = servers.as_ref().map_or(0, |s| s.len());
+        Self {
+            servers,
+            runners: (0..n).map(|_| None).collect(),
+            target,
+        }
+    }
+
+    /// A doorbell (`wake == false`) or the device's own event for queue `q`.
+    fn deliver(&mut self, q: u16, wake: bool) {
+        if let Some(servers) = self.servers.as_ref().filter(|s| s.serves(q))
+            && let Some(slot) = self.runners.get_mut(q as usize)
+        {
+            if slot.is_none() {
+                // A thread per served queue, started at its first kick; if that fails the
+                // queue runs on this thread (through the transport) instead.
+                *slot = QueueRunner::spawn(q, servers.clone(), self.target.clone()).ok();
+            }
+            if let Some(r) = slot {
+                if !wake {
+                    servers.count_notify();
+                }
+                r.kick();
+                return;
+            }
+        }
+        let mut t = self.target.lock().unwrap_or_else(PoisonError::into_inner);
+        if wake {
+            t.wake_queue(q);
+        } else {
+            t.notify_queue(q);
         }
     }
 }

@@ -54,7 +54,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 
-use vm_memory::{GuestMemory, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmkit_devices::pci::{
     BarKind, ConfigSpace, Msix, MsixConfig, MsixVector, PciError, PciFunction, PciHeader, cap_id,
     command, reg, status,
@@ -65,6 +65,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::core::{Ring, TransportCore, TransportMetrics};
 use crate::device::{InterruptCause, VirtioDevice, VirtioInterrupt};
 use crate::intx::Intx;
+use crate::memory::VirtioMemory;
+use crate::persist::{PciTransportState, StateError};
+use crate::spec::common_cfg::*;
 use crate::spec::*;
 
 /// The BAR holding all virtio structures and the MSI-X table.
@@ -74,7 +77,12 @@ pub const VIRTIO_PCI_BAR_SIZE: u64 = 0x8000;
 /// Offset of the common configuration structure.
 pub const COMMON_CFG_OFFSET: u64 = 0x0000;
 /// Length of the common configuration structure (virtio 1.2 §4.1.4.3, up to `queue_reset`).
-pub const COMMON_CFG_LEN: u64 = 0x3c;
+pub const COMMON_CFG_LEN: u64 = VIRTIO_PCI_COMMON_CFG_LEN;
+
+/// Last byte of each 64-bit ring address field (its high half starts 4 bytes in).
+const VIRTIO_PCI_COMMON_Q_DESCHI_END: u64 = VIRTIO_PCI_COMMON_Q_DESCHI + 3;
+const VIRTIO_PCI_COMMON_Q_AVAILHI_END: u64 = VIRTIO_PCI_COMMON_Q_AVAILHI + 3;
+const VIRTIO_PCI_COMMON_Q_USEDHI_END: u64 = VIRTIO_PCI_COMMON_Q_USEDHI + 3;
 /// Offset of the ISR status byte.
 pub const ISR_CFG_OFFSET: u64 = 0x1000;
 /// Offset of the device configuration.
@@ -190,24 +198,30 @@ impl CommonCfgField {
             _ => Err(err),
         };
         let (field, width) = match offset {
-            0x00 => (DeviceFeatureSelect, 4),
-            0x04 => (DeviceFeature, 4),
-            0x08 => (DriverFeatureSelect, 4),
-            0x0c => (DriverFeature, 4),
-            0x10 => (ConfigMsixVector, 2),
-            0x12 => (NumQueues, 2),
-            0x14 => (DeviceStatus, 1),
-            0x15 => (ConfigGeneration, 1),
-            0x16 => (QueueSelect, 2),
-            0x18 => (QueueSize, 2),
-            0x1a => (QueueMsixVector, 2),
-            0x1c => (QueueEnable, 2),
-            0x1e => (QueueNotifyOff, 2),
-            0x20..=0x27 => return addr(Ring::Descriptors, 0x20),
-            0x28..=0x2f => return addr(Ring::Driver, 0x28),
-            0x30..=0x37 => return addr(Ring::Device, 0x30),
-            0x38 => (QueueNotifyData, 2),
-            0x3a => (QueueReset, 2),
+            VIRTIO_PCI_COMMON_DFSELECT => (DeviceFeatureSelect, 4),
+            VIRTIO_PCI_COMMON_DF => (DeviceFeature, 4),
+            VIRTIO_PCI_COMMON_GFSELECT => (DriverFeatureSelect, 4),
+            VIRTIO_PCI_COMMON_GF => (DriverFeature, 4),
+            VIRTIO_PCI_COMMON_MSIX => (ConfigMsixVector, 2),
+            VIRTIO_PCI_COMMON_NUMQ => (NumQueues, 2),
+            VIRTIO_PCI_COMMON_STATUS => (DeviceStatus, 1),
+            VIRTIO_PCI_COMMON_CFGGENERATION => (ConfigGeneration, 1),
+            VIRTIO_PCI_COMMON_Q_SELECT => (QueueSelect, 2),
+            VIRTIO_PCI_COMMON_Q_SIZE => (QueueSize, 2),
+            VIRTIO_PCI_COMMON_Q_MSIX => (QueueMsixVector, 2),
+            VIRTIO_PCI_COMMON_Q_ENABLE => (QueueEnable, 2),
+            VIRTIO_PCI_COMMON_Q_NOFF => (QueueNotifyOff, 2),
+            VIRTIO_PCI_COMMON_Q_DESCLO..=VIRTIO_PCI_COMMON_Q_DESCHI_END => {
+                return addr(Ring::Descriptors, VIRTIO_PCI_COMMON_Q_DESCLO);
+            }
+            VIRTIO_PCI_COMMON_Q_AVAILLO..=VIRTIO_PCI_COMMON_Q_AVAILHI_END => {
+                return addr(Ring::Driver, VIRTIO_PCI_COMMON_Q_AVAILLO);
+            }
+            VIRTIO_PCI_COMMON_Q_USEDLO..=VIRTIO_PCI_COMMON_Q_USEDHI_END => {
+                return addr(Ring::Device, VIRTIO_PCI_COMMON_Q_USEDLO);
+            }
+            VIRTIO_PCI_COMMON_Q_NDATA => (QueueNotifyData, 2),
+            VIRTIO_PCI_COMMON_Q_RESET => (QueueReset, 2),
             _ => return Err(err),
         };
         if len != width {
@@ -300,7 +314,6 @@ pub struct VirtioPciTransport<D, M = GuestMemoryMmap> {
     msix: Msix,
     intx: Arc<Intx>,
     vectors: Arc<Vectors>,
-    doorbells: Option<crate::notify::DoorbellBinding>,
     /// Where the `VIRTIO_PCI_CAP_PCI_CFG` capability is in configuration space.
     pci_cfg_cap: u16,
 }
@@ -308,7 +321,7 @@ pub struct VirtioPciTransport<D, M = GuestMemoryMmap> {
 impl<D, M> VirtioPciTransport<D, M>
 where
     D: VirtioDevice<M>,
-    M: GuestMemory + Clone + Send + Sync + 'static,
+    M: VirtioMemory,
 {
     /// The MSI-X layout for `device` (one vector per queue plus one for configuration changes),
     /// delivering through `sink`. Attach irqfds to it (e.g. `KvmIrqRouter::attach_msix`) before
@@ -394,7 +407,6 @@ where
             msix,
             intx,
             vectors,
-            doorbells: None,
             pci_cfg_cap,
         })
     }
@@ -458,6 +470,54 @@ where
         self.intx.peek_isr()
     }
 
+    /// The transport state (see [`crate::persist`]): core, configuration space, MSI-X and the
+    /// virtio vector assignments. Take it from a quiescent device.
+    pub fn save(&self) -> PciTransportState {
+        PciTransportState {
+            core: self.core.save(),
+            config_space: self.cfg.state(),
+            msix: self.msix.state(),
+            config_vector: self.vectors.config.load(Ordering::Acquire),
+            queue_vectors: self
+                .vectors
+                .queues
+                .iter()
+                .map(|v| v.load(Ordering::Acquire))
+                .collect(),
+        }
+    }
+
+    /// Restore `state` into this fresh transport (around a freshly built device with the same
+    /// MSI-X layout): configuration space first (BARs, command
+    /// register, MSI-X enable), the MSI-X table and PBA, the vector assignments, then the core
+    /// (which activates the device if it was active). Then call the root's
+    /// `PciRoot::resync` for the function so its BARs (and their observers, such as a
+    /// doorbell binding) follow the restored configuration space.
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::Pci`] for a configuration space or MSI-X state that does not fit,
+    /// [`StateError::Mismatch`] for a vector count that differs, and see
+    /// [`TransportCore::restore`].
+    pub fn restore(&mut self, state: &PciTransportState) -> Result<(), StateError> {
+        if state.queue_vectors.len() != self.vectors.queues.len() {
+            return Err(StateError::Mismatch("queue vector count"));
+        }
+        self.cfg
+            .restore(&state.config_space)
+            .map_err(StateError::Pci)?;
+        self.msix.restore(&state.msix).map_err(StateError::Pci)?;
+        let valid = |v: u16| self.valid_vector(v);
+        self.vectors
+            .config
+            .store(valid(state.config_vector), Ordering::Release);
+        for (slot, &v) in self.vectors.queues.iter().zip(&state.queue_vectors) {
+            slot.store(valid(v), Ordering::Release);
+        }
+        self.sync_intx();
+        self.core.restore(&state.core)
+    }
+
     /// The shared transport core.
     pub fn core(&self) -> &TransportCore<D, M> {
         &self.core
@@ -503,17 +563,6 @@ where
                 (bar_base + off, None, q)
             })
             .collect()
-    }
-
-    /// Hand the transport its doorbell ioeventfds so they follow BAR 0 when the guest moves it
-    /// (see [`crate::notify::DoorbellBinding`]).
-    pub fn bind_doorbells(&mut self, binding: crate::notify::DoorbellBinding) {
-        self.doorbells = Some(binding);
-    }
-
-    /// The bound doorbell ioeventfds, if any.
-    pub fn doorbells(&self) -> Option<&crate::notify::DoorbellBinding> {
-        self.doorbells.as_ref()
     }
 
     /// Where BAR 0 currently is, if programmed and enabled.
@@ -695,7 +744,7 @@ fn virtio_pci_cap(cfg_type: u8, offset: u64, length: u64) -> Vec<u8> {
 impl<D, M> PciFunction for VirtioPciTransport<D, M>
 where
     D: VirtioDevice<M>,
-    M: GuestMemory + Clone + Send + Sync + 'static,
+    M: VirtioMemory,
 {
     fn config_space(&self) -> &ConfigSpace {
         &self.cfg
@@ -724,16 +773,12 @@ where
         self.cfg.read(offset, data);
     }
 
-    /// A config write can move or stop decoding BAR 0: bound doorbell ioeventfds follow it;
-    /// it can set Interrupt Disable or enable MSI-X: the INTx line follows. A write touching
-    /// `pci_cfg_data` then writes BAR 0 through the PCI configuration access window.
+    /// A config write can set Interrupt Disable or enable MSI-X: the INTx line follows. (A
+    /// BAR move is the root bus's event: `doorbell::DoorbellBinding` observes it.) A write
+    /// touching `pci_cfg_data` then writes BAR 0 through the PCI configuration access window.
     fn config_write(&mut self, offset: u16, data: &[u8]) {
         self.cfg.write(offset, data);
         self.sync_intx();
-        let now = self.bar_address();
-        if let Some(b) = self.doorbells.as_mut() {
-            b.rebind(now);
-        }
         if self.touches_pci_cfg_data(offset, data.len()) {
             self.pci_cfg_write();
         }
@@ -782,5 +827,31 @@ where
                 }
             }
         }
+    }
+}
+
+// Notifications from the notify worker (ioeventfds, wake-ups, device events, queue servers).
+impl<D, M> crate::notify::QueueNotify for VirtioPciTransport<D, M>
+where
+    D: VirtioDevice<M>,
+    M: VirtioMemory,
+{
+    fn notify_queue(&mut self, index: u16) {
+        VirtioPciTransport::notify_queue(self, index)
+    }
+    fn wake_queue(&mut self, index: u16) {
+        VirtioPciTransport::wake_queue(self, index)
+    }
+    fn device_event(&mut self, token: u32) {
+        self.core_mut().device_event(token)
+    }
+    fn device_events(&self) -> Option<Arc<crate::events::DeviceEvents>> {
+        self.core().device_events()
+    }
+    fn queue_servers(&self) -> Option<Arc<crate::queue_server::QueueServers>> {
+        Some(self.core().queue_servers())
+    }
+    fn server_error(&mut self, epoch: u64, error: crate::DeviceError) {
+        self.core_mut().server_error(epoch, error)
     }
 }

@@ -55,23 +55,30 @@ impl Pci {
     }
     /// Negotiate VERSION_1, set up queue 0 (size 16) with MSI-X vector `qvec`, DRIVER_OK.
     pub(super) fn bring_up(&mut self, qvec: u16) {
-        self.wr(0x14, 1, 1);
-        self.wr(0x14, 1, 3);
-        self.wr(0x08, 4, 1);
-        self.wr(0x0c, 4, 1); // VERSION_1 (bit 32)
-        self.wr(0x14, 1, 0xb);
+        use crate::spec::common_cfg::*;
+        let (a, d, f, ok) = (
+            STATUS_ACKNOWLEDGE as u64,
+            STATUS_DRIVER as u64,
+            STATUS_FEATURES_OK as u64,
+            STATUS_DRIVER_OK as u64,
+        );
+        self.wr(VIRTIO_PCI_COMMON_STATUS, 1, a);
+        self.wr(VIRTIO_PCI_COMMON_STATUS, 1, a | d);
+        self.wr(VIRTIO_PCI_COMMON_GFSELECT, 4, 1);
+        self.wr(VIRTIO_PCI_COMMON_GF, 4, 1); // VERSION_1 (bit 32)
+        self.wr(VIRTIO_PCI_COMMON_STATUS, 1, a | d | f);
         assert_eq!(self.status(), 0xb);
-        self.wr(0x16, 2, 0);
-        self.wr(0x18, 2, 16);
+        self.wr(VIRTIO_PCI_COMMON_Q_SELECT, 2, 0);
+        self.wr(VIRTIO_PCI_COMMON_Q_SIZE, 2, 16);
         let l = ring_layout(0, 16);
-        self.wr(0x20, 8, l.desc.0); // 64-bit access
-        self.wr(0x28, 4, l.avail.0); // two 32-bit halves
-        self.wr(0x2c, 4, 0);
-        self.wr(0x30, 4, l.used.0);
-        self.wr(0x34, 4, 0);
-        self.wr(0x1a, 2, qvec as u64);
-        self.wr(0x1c, 2, 1);
-        self.wr(0x14, 1, 0xf);
+        self.wr(VIRTIO_PCI_COMMON_Q_DESCLO, 8, l.desc.0); // 64-bit access
+        self.wr(VIRTIO_PCI_COMMON_Q_AVAILLO, 4, l.avail.0); // two 32-bit halves
+        self.wr(VIRTIO_PCI_COMMON_Q_AVAILHI, 4, 0);
+        self.wr(VIRTIO_PCI_COMMON_Q_USEDLO, 4, l.used.0);
+        self.wr(VIRTIO_PCI_COMMON_Q_USEDHI, 4, 0);
+        self.wr(VIRTIO_PCI_COMMON_Q_MSIX, 2, qvec as u64);
+        self.wr(VIRTIO_PCI_COMMON_Q_ENABLE, 2, 1);
+        self.wr(VIRTIO_PCI_COMMON_STATUS, 1, a | d | f | ok);
         assert_eq!(self.status(), 0xf);
     }
     /// Post one writable buffer of `len` bytes at 0x200_0000 as chain 0 of queue 0.

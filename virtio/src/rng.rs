@@ -2,9 +2,11 @@
 //! driver posts is filled from an [`EntropySource`] (by default the host's `getrandom`).
 
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryMmap};
 
 use crate::device::{Activation, DeviceError, VirtioDevice};
+use crate::memory::VirtioMemory;
+use crate::queue_pass::ChainOutcome;
 use crate::spec::{VIRTIO_F_VERSION_1, VIRTIO_ID_RNG, VIRTIO_RING_F_EVENT_IDX};
 
 /// Queue size the device offers.
@@ -81,14 +83,14 @@ impl<M, E> Rng<M, E> {
     }
 }
 
-impl<M: GuestMemory, E: EntropySource> Rng<M, E> {
+impl<M: VirtioMemory, E: EntropySource> Rng<M, E> {
     fn serve(&mut self) -> Result<(), DeviceError> {
         let Some(active) = self.active.as_mut() else {
             return Ok(());
         };
         let (source, m) = (&mut self.source, &mut self.metrics);
         let mut buf = Vec::new();
-        active.process_queue(0, |chain| {
+        active.run_queue(0, |chain| {
             let mem = chain.memory();
             let mut written = 0u32;
             for desc in chain.clone() {
@@ -113,7 +115,7 @@ impl<M: GuestMemory, E: EntropySource> Rng<M, E> {
             }
             m.requests += 1;
             m.bytes += written as u64;
-            written
+            ChainOutcome::Used(written)
         })?;
         Ok(())
     }
@@ -121,7 +123,7 @@ impl<M: GuestMemory, E: EntropySource> Rng<M, E> {
 
 impl<M, E> VirtioDevice<M> for Rng<M, E>
 where
-    M: GuestMemory + Send,
+    M: VirtioMemory,
     E: EntropySource,
 {
     fn device_type(&self) -> u32 {

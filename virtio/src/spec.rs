@@ -55,3 +55,54 @@ pub const VIRTIO_MMIO_VERSION_2: u32 = 2;
 pub const VIRTIO_MMIO_INT_VRING: u32 = 1;
 /// virtio-mmio `InterruptStatus` bit: configuration change notification.
 pub const VIRTIO_MMIO_INT_CONFIG: u32 = 2;
+
+/// Offsets of the fields of `struct virtio_pci_common_cfg` in the common configuration
+/// structure (virtio 1.2 §4.1.4.3), named as Linux's `uapi/linux/virtio_pci.h` names them.
+/// Defined once for the transport's decoder, the test harnesses, the fuzz code and the tiny
+/// guests' driver code.
+pub mod common_cfg {
+    /// `le32 device_feature_select`.
+    pub const VIRTIO_PCI_COMMON_DFSELECT: u64 = 0x00;
+    /// `le32 device_feature` (read-only).
+    pub const VIRTIO_PCI_COMMON_DF: u64 = 0x04;
+    /// `le32 driver_feature_select`.
+    pub const VIRTIO_PCI_COMMON_GFSELECT: u64 = 0x08;
+    /// `le32 driver_feature`.
+    pub const VIRTIO_PCI_COMMON_GF: u64 = 0x0c;
+    /// `le16 config_msix_vector`.
+    pub const VIRTIO_PCI_COMMON_MSIX: u64 = 0x10;
+    /// `le16 num_queues` (read-only).
+    pub const VIRTIO_PCI_COMMON_NUMQ: u64 = 0x12;
+    /// `u8 device_status`.
+    pub const VIRTIO_PCI_COMMON_STATUS: u64 = 0x14;
+    /// `u8 config_generation` (read-only).
+    pub const VIRTIO_PCI_COMMON_CFGGENERATION: u64 = 0x15;
+    /// `le16 queue_select`.
+    pub const VIRTIO_PCI_COMMON_Q_SELECT: u64 = 0x16;
+    /// `le16 queue_size`.
+    pub const VIRTIO_PCI_COMMON_Q_SIZE: u64 = 0x18;
+    /// `le16 queue_msix_vector`.
+    pub const VIRTIO_PCI_COMMON_Q_MSIX: u64 = 0x1a;
+    /// `le16 queue_enable`.
+    pub const VIRTIO_PCI_COMMON_Q_ENABLE: u64 = 0x1c;
+    /// `le16 queue_notify_off` (read-only).
+    pub const VIRTIO_PCI_COMMON_Q_NOFF: u64 = 0x1e;
+    /// `le64 queue_desc` (low half; the high half is at +4).
+    pub const VIRTIO_PCI_COMMON_Q_DESCLO: u64 = 0x20;
+    /// `le64 queue_desc`, high half.
+    pub const VIRTIO_PCI_COMMON_Q_DESCHI: u64 = 0x24;
+    /// `le64 queue_driver` (the available ring; low half).
+    pub const VIRTIO_PCI_COMMON_Q_AVAILLO: u64 = 0x28;
+    /// `le64 queue_driver`, high half.
+    pub const VIRTIO_PCI_COMMON_Q_AVAILHI: u64 = 0x2c;
+    /// `le64 queue_device` (the used ring; low half).
+    pub const VIRTIO_PCI_COMMON_Q_USEDLO: u64 = 0x30;
+    /// `le64 queue_device`, high half.
+    pub const VIRTIO_PCI_COMMON_Q_USEDHI: u64 = 0x34;
+    /// `le16 queue_notify_data` (read-only).
+    pub const VIRTIO_PCI_COMMON_Q_NDATA: u64 = 0x38;
+    /// `le16 queue_reset`.
+    pub const VIRTIO_PCI_COMMON_Q_RESET: u64 = 0x3a;
+    /// Length of the structure up to and including `queue_reset`.
+    pub const VIRTIO_PCI_COMMON_CFG_LEN: u64 = 0x3c;
+}

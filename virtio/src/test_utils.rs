@@ -33,8 +33,11 @@ use vmkit_devices::MutBusDevice;
 use vmkit_devices::interrupt::RecordingInterrupt;
 
 use crate::device::VirtioDevice;
+use crate::events::{EventAction, EventPoller};
+use crate::memory::VirtioMemory;
 use crate::mmio::MmioTransport;
 use crate::spec::*;
+use vmm_sys_util::epoll::Epoll;
 
 /// Size of the harness's guest memory.
 pub const HARNESS_MEM_SIZE: u64 = 64 << 20;
@@ -112,13 +115,17 @@ struct DriverQueue {
     last_used: u16,
 }
 
-/// The driver side of a virtio device, over virtio-mmio, in mock memory.
-pub struct DriverHarness<D: VirtioDevice> {
+/// The driver side of a virtio device, over virtio-mmio, in mock memory. The driver writes
+/// through a `GuestMemoryMmap`; the device sees the same memory as `M` (by default that
+/// `GuestMemoryMmap`; see [`DriverHarness::with_device_memory`] for `GuestMemoryAtomic` or
+/// `IommuMemory`).
+pub struct DriverHarness<D: VirtioDevice<M>, M: VirtioMemory = GuestMemoryMmap> {
     mem: GuestMemoryMmap,
-    transport: MmioTransport<D>,
+    transport: MmioTransport<D, M>,
     irq: Arc<RecordingInterrupt>,
     queues: Vec<DriverQueue>,
     next_buffer: u64,
+    events: Option<(Epoll, EventPoller)>,
 }
 
 impl<D: VirtioDevice> DriverHarness<D> {
@@ -131,14 +138,81 @@ impl<D: VirtioDevice> DriverHarness<D> {
 
     /// `device` in `mem` (which must cover [`QUEUE_BASE`] onwards for the harness's rings).
     pub fn with_memory(device: D, mem: GuestMemoryMmap) -> Self {
+        Self::with_device_memory(device, mem.clone(), mem)
+    }
+
+    /// Restore the transport state `state` (saved from this harness's transport, e.g. after a
+    /// serde round trip) into a fresh transport around `device`, on the same guest memory,
+    /// keeping the driver side (queue layout, next descriptor, used entries seen): the driver
+    /// goes on as if nothing happened.
+    ///
+    /// # Errors
+    ///
+    /// The state does not fit `device` (see `TransportCore::restore`).
+    pub fn resume<D2: VirtioDevice>(
+        &self,
+        device: D2,
+        state: &crate::persist::MmioTransportState,
+    ) -> Result<DriverHarness<D2>, crate::persist::StateError> {
+        let mut h = DriverHarness::with_memory(device, self.mem.clone());
+        h.transport.restore(state)?;
+        h.queues = self.queues.clone();
+        h.next_buffer = self.next_buffer;
+        Ok(h)
+    }
+}
+
+impl<D: VirtioDevice<M>, M: VirtioMemory> DriverHarness<D, M> {
+    /// `device` over `device_mem`, which must present the memory the driver writes through
+    /// `mem` (e.g. a `GuestMemoryAtomic` holding `mem`, or an identity-mapped `IommuMemory`
+    /// over it); `mem` must cover [`QUEUE_BASE`] onwards for the harness's rings.
+    pub fn with_device_memory(device: D, mem: GuestMemoryMmap, device_mem: M) -> Self {
         let irq = Arc::new(RecordingInterrupt::default());
-        let transport = MmioTransport::new(device, mem.clone(), irq.clone());
+        let transport = MmioTransport::new(device, device_mem, irq.clone());
         Self {
             mem,
             transport,
             irq,
             queues: Vec::new(),
             next_buffer: BUFFER_BASE,
+            events: None,
+        }
+    }
+
+    /// Serve the device's own event sources (retry timers, completion eventfds, …) the way a
+    /// `NotifyWorker` does — same poller, same dispatch to the transport — until one action
+    /// was served or `timeout` passed. Returns how many actions ran (0: none fired in time).
+    ///
+    /// # Errors
+    ///
+    /// Creating the epoll instance or waiting failed.
+    pub fn serve_events(&mut self, timeout: std::time::Duration) -> std::io::Result<usize> {
+        if self.events.is_none() {
+            let registry = self
+                .transport
+                .core()
+                .device_events()
+                .ok_or_else(|| std::io::Error::other("no device event registry"))?;
+            let epoll = Epoll::new()?;
+            let poller = EventPoller::new(registry, &epoll, 0)?;
+            self.events = Some((epoll, poller));
+        }
+        let Some((epoll, poller)) = self.events.as_mut() else {
+            return Ok(0);
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let actions = poller.wait_once(epoll, left)?;
+            for a in &actions {
+                match *a {
+                    EventAction::Queue(q) => self.transport.wake_queue(q),
+                    EventAction::Device(t) => self.transport.core_mut().device_event(t),
+                }
+            }
+            if !actions.is_empty() || left.is_zero() {
+                return Ok(actions.len());
+            }
         }
     }
 
@@ -148,12 +222,17 @@ impl<D: VirtioDevice> DriverHarness<D> {
     }
 
     /// The transport.
-    pub fn transport(&self) -> &MmioTransport<D> {
+    pub fn transport(&self) -> &MmioTransport<D, M> {
         &self.transport
     }
 
+    /// Give up the harness and keep the transport (e.g. to hand it to a `NotifyWorker`).
+    pub fn into_transport(self) -> MmioTransport<D, M> {
+        self.transport
+    }
+
     /// The transport, mutably.
-    pub fn transport_mut(&mut self) -> &mut MmioTransport<D> {
+    pub fn transport_mut(&mut self) -> &mut MmioTransport<D, M> {
         &mut self.transport
     }
 
@@ -375,7 +454,16 @@ impl<D: VirtioDevice> DriverHarness<D> {
                 .store(idx as u16, RawDescriptor::from(d))
                 .map_err(|_| HarnessError::Memory)?;
         }
-        // Publish: ring[avail_idx % size] = head; then avail_idx += 1 (virtio 1.2 §2.7.13).
+        self.publish(index, head)?;
+        self.queues[index as usize].next_desc = ((head as usize + n) % dq.size as usize) as u16;
+        Ok(Chain { head, buffers })
+    }
+
+    /// Make `head` available on queue `index` as it is — any value, also one outside the
+    /// descriptor table (what a hostile driver can do): ring[avail_idx % size] = head; then
+    /// avail_idx += 1 (virtio 1.2 §2.7.13).
+    pub fn publish(&mut self, index: u16, head: u16) -> Result<(), HarnessError> {
+        let (l, dq) = self.queue(index)?;
         let avail = l.avail;
         let avail_idx: u16 = self
             .mem
@@ -387,9 +475,7 @@ impl<D: VirtioDevice> DriverHarness<D> {
             .map_err(|_| HarnessError::Memory)?;
         self.mem
             .write_obj(avail_idx.wrapping_add(1), avail.unchecked_add_(2))
-            .map_err(|_| HarnessError::Memory)?;
-        self.queues[index as usize].next_desc = ((head as usize + n) % dq.size as usize) as u16;
-        Ok(Chain { head, buffers })
+            .map_err(|_| HarnessError::Memory)
     }
 
     /// Notify queue `index` through the `QueueNotify` register (the trapped-exit path).

@@ -90,7 +90,8 @@ impl VirtioDevice for Dummy {
     fn queue_notify(&mut self, queue: u16) -> Result<(), DeviceError> {
         self.seen.lock().unwrap().notifies.push(queue);
         if self.fail_notify {
-            return Err(DeviceError::Backend("told to".into()));
+            let cause = std::io::Error::new(std::io::ErrorKind::StorageFull, "told to");
+            return Err(DeviceError::Backend(Box::new(cause)));
         }
         Ok(())
     }
@@ -311,6 +312,46 @@ fn notify_semantics() {
     h.activate(V1).unwrap();
     h.kick(0);
     assert_eq!(seen.lock().unwrap().notifies, [1, 0, 0, 0]);
+}
+
+/// A device error reaches the transport whole: the boxed cause stays a `source()` that a VMM
+/// can downcast, and the last one is readable from the core after `DEVICE_NEEDS_RESET`.
+#[test]
+fn device_errors_keep_their_source() {
+    use std::error::Error as _;
+    let (mut h, _) = dummy();
+    h.activate(V1).unwrap();
+    assert!(h.transport().core().last_device_error().is_none());
+    h.device_mut().fail_notify = true;
+    h.kick(0);
+    let err = h.transport().core().last_device_error().unwrap();
+    assert!(matches!(err, DeviceError::Backend(_)));
+    let cause = err
+        .source()
+        .unwrap()
+        .downcast_ref::<std::io::Error>()
+        .unwrap();
+    assert_eq!(cause.kind(), std::io::ErrorKind::StorageFull);
+    assert_eq!(
+        err.to_string(),
+        "backend failed",
+        "the cause is not repeated in the text"
+    );
+    // Kept across the driver's reset; taking it empties the slot.
+    h.set_status(0);
+    assert!(
+        h.transport_mut()
+            .core_mut()
+            .take_last_device_error()
+            .is_some()
+    );
+    assert!(h.transport().core().last_device_error().is_none());
+    // An activation failure is kept the same way.
+    h.device_mut().fail_activate = true;
+    assert!(h.activate(V1).is_err());
+    let err = h.transport().core().last_device_error().unwrap();
+    assert!(matches!(err, DeviceError::Activate(_)));
+    assert_eq!(err.source().unwrap().to_string(), "told to");
 }
 
 #[test]

@@ -53,15 +53,19 @@
 //! ```
 
 pub mod config;
+pub mod events;
 pub mod msix;
 pub mod root;
 
 pub use config::{ConfigSpace, ConfigStats, PciHeader};
+pub use events::{PciEvent, PciObserver, RecordingPciObserver, RequesterId};
 pub use msix::{Msix, MsixConfig, MsixState, MsixStats, MsixVector};
 pub use root::{PciConfigIo, PciEcam, PciRoot, PciStats};
 
 #[cfg(test)]
 mod msix_irqfd_tests;
+#[cfg(test)]
+mod root_events_tests;
 #[cfg(test)]
 mod tests;
 
@@ -240,6 +244,10 @@ pub trait PciFunction: Send {
     fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]);
     /// A guest store to BAR `bar` at `offset` inside it.
     fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]);
+    /// The root bus put the function at `rid` (its requester ID: what its DMA and MSIs carry,
+    /// what an IOMMU translates by). Called once per [`PciRoot::add_function`]; the default
+    /// ignores it.
+    fn attached(&mut self, _rid: RequesterId) {}
 }
 
 /// Errors building PCI functions and buses.

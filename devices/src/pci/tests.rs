@@ -602,13 +602,14 @@ fn bad_input_table() {
             0,
         ),
         (
-            "cf8 bus 1",
+            // Bus 1 exists (any bus number does), but nothing is there.
+            "cf8 bus 1, no function",
             |b| {
                 b.pio.write(0xcf8, &0x8001_0000u32.to_le_bytes());
                 b.pio.write(0xcfc, &[0; 4])
             },
-            1,
             0,
+            1,
         ),
         (
             "cf8 absent device 31 fn 7",

@@ -31,6 +31,7 @@ use vmkit_devices::pci::{PciFunction, command, reg, status};
 use vmkit_virtio::mmio::MmioTransport;
 use vmkit_virtio::pci::VirtioPciTransport;
 use vmkit_virtio::rng::{EntropySource, RNG_MAX_CHAIN_BYTES, Rng};
+use vmkit_virtio::spec::common_cfg::*;
 use vmkit_virtio::spec::*;
 use vmkit_virtio::{TransportCore, VirtioDevice};
 
@@ -168,21 +169,21 @@ fn bring_up(pci: bool, ring: u32, size_log2: u8, event_idx: bool) -> Vec<(u64, u
     };
     if pci {
         vec![
-            (0x14, 1, 1),
-            (0x14, 1, 3),
-            (0x08, 4, 0),
-            (0x0c, 4, lo),
-            (0x08, 4, 1),
-            (0x0c, 4, 1),
-            (0x14, 1, 0xb),
-            (0x16, 2, 0),
-            (0x18, 2, size),
-            (0x20, 8, desc),
-            (0x28, 8, avail),
-            (0x30, 8, used),
-            (0x1a, 2, 0),
-            (0x1c, 2, 1),
-            (0x14, 1, 0xf),
+            (VIRTIO_PCI_COMMON_STATUS, 1, 1),
+            (VIRTIO_PCI_COMMON_STATUS, 1, 3),
+            (VIRTIO_PCI_COMMON_GFSELECT, 4, 0),
+            (VIRTIO_PCI_COMMON_GF, 4, lo),
+            (VIRTIO_PCI_COMMON_GFSELECT, 4, 1),
+            (VIRTIO_PCI_COMMON_GF, 4, 1),
+            (VIRTIO_PCI_COMMON_STATUS, 1, 0xb),
+            (VIRTIO_PCI_COMMON_Q_SELECT, 2, 0),
+            (VIRTIO_PCI_COMMON_Q_SIZE, 2, size),
+            (VIRTIO_PCI_COMMON_Q_DESCLO, 8, desc),
+            (VIRTIO_PCI_COMMON_Q_AVAILLO, 8, avail),
+            (VIRTIO_PCI_COMMON_Q_USEDLO, 8, used),
+            (VIRTIO_PCI_COMMON_Q_MSIX, 2, 0),
+            (VIRTIO_PCI_COMMON_Q_ENABLE, 2, 1),
+            (VIRTIO_PCI_COMMON_STATUS, 1, 0xf),
         ]
     } else {
         vec![
