@@ -364,6 +364,18 @@ fn execute<M: GuestMemory + ?Sized>(
                 lin.write(va, &v.to_le_bytes())?;
             }
         }
+        Mn::Movdqu
+        | Mn::Movdqa
+        | Mn::Movups
+        | Mn::Movaps
+        | Mn::Vmovdqu
+        | Mn::Vmovdqa
+        | Mn::Vmovups
+        | Mn::Vmovaps => {
+            let mem_op = (0..2).find(|&o| instr.op_kind(o) == OpKind::Memory);
+            let va = mem_op.map(|o| address(cpu, instr, o)).transpose()?;
+            super::vector::mov(cpu, lin, instr, va)?;
+        }
         Mn::Wait => {
             // FWAIT (SDM vol. 2): #NM when CR0.MP and CR0.TS are set; #MF when an unmasked x87
             // exception is pending (FSW.ES, byte 2 bit 7 of the XSAVE area) and CR0.NE is set;
@@ -483,6 +495,14 @@ fn mnemonic_name(m: Mnemonic) -> &'static str {
         Mn::Xsaveopt | Mn::Xsaveopt64 => "xsaveopt",
         Mn::Xrstor | Mn::Xrstor64 => "xrstor",
         Mn::Wait => "fwait",
+        Mn::Movdqu => "movdqu",
+        Mn::Movdqa => "movdqa",
+        Mn::Movups => "movups",
+        Mn::Movaps => "movaps",
+        Mn::Vmovdqu => "vmovdqu",
+        Mn::Vmovdqa => "vmovdqa",
+        Mn::Vmovups => "vmovups",
+        Mn::Vmovaps => "vmovaps",
         Mn::Xsavec | Mn::Xsavec64 => "xsavec",
         Mn::Xsaves | Mn::Xsaves64 => "xsaves",
         Mn::Xrstors | Mn::Xrstors64 => "xrstors",

@@ -16,8 +16,9 @@
 //! BMI2 `shlx`, `shrx`, `sarx`, `rorx`, `pdep`, `pext`, `mulx`; `cmpxchg8b`/`cmpxchg16b`
 //! (atomic against other vCPUs: a host atomic on the guest page); `clac`, `stac`; `int3`,
 //! `into`, `int n`, `int1`; `rdtscp`, `rdpid`; `xgetbv`, `xsetbv`, `xsave`, `xsaveopt`,
-//! `xrstor` (standard format) against the vCPU's XSAVE area; `fwait` (#NM / #MF as the SDM
-//! says, else nothing).
+//! `xrstor`, `xsavec`, `xsaves`, `xrstors` (standard and compacted formats) against the vCPU's
+//! XSAVE area; `ldmxcsr`/`stmxcsr`; the vector moves `movdqu movdqa movups movaps` and their
+//! VEX forms on XMM/YMM; `fwait` (#NM / #MF as the SDM says, else nothing).
 //!
 //! The emulator is pure with respect to the hypervisor: [`CpuState`] is plain data the caller
 //! fills from the vCPU and writes back ([`kvm`] does both for a [`KvmVcpu`](crate::KvmVcpu)).
@@ -26,6 +27,7 @@ mod alu;
 mod exec;
 pub mod kvm;
 mod linear;
+mod vector;
 mod xsave;
 
 #[cfg(test)]

@@ -620,3 +620,49 @@ fn what_is_not_emulated_is_refused_with_its_disassembly() {
         Err(EmulateError::NotRam { .. } | EmulateError::Decode { .. })
     ));
 }
+
+/// Vector moves: memory → register → memory through the XSAVE area; the legacy form keeps the
+/// upper YMM half, the VEX.128 form zeroes it; the aligned forms want alignment (#GP(0)).
+#[test]
+fn vector_moves_go_through_the_xsave_area() {
+    let avx_off = std::arch::x86_64::__cpuid_count(0xd, 2).ebx as usize;
+    if avx_off == 0 {
+        eprintln!("SKIPPED vector_moves_go_through_the_xsave_area: no AVX XSAVE component");
+        return;
+    }
+    let (mem, mut cpu) = machine();
+    cpu.cr4 |= 1 << 9; // OSFXSR
+    cpu.xcr0 = 7;
+    cpu.xsave = vec![0u8; 4096];
+    let pattern: Vec<u8> = (0..32u8).collect();
+    mem.write_slice(&pattern, GuestAddress(0x30_0000)).unwrap();
+    cpu.gpr[6] = DATA;
+    cpu.gpr[7] = DATA + 0x100;
+    let (r, _) = run(&mem, &mut cpu, |a| a.vmovdqu(ymm3, ptr(rsi)));
+    assert_eq!(emulated(r), "vmovdqu");
+    assert_eq!(&cpu.xsave[160 + 48..160 + 64], &pattern[..16]);
+    assert_eq!(&cpu.xsave[avx_off + 48..avx_off + 64], &pattern[16..]);
+    let (r, _) = run(&mem, &mut cpu, |a| a.vmovdqu(ptr(rdi), ymm3));
+    assert_eq!(emulated(r), "vmovdqu");
+    let mut back = [0u8; 32];
+    mem.read_slice(&mut back, GuestAddress(0x30_0100)).unwrap();
+    assert_eq!(&back[..], &pattern[..]);
+    // Legacy MOVDQU xmm3 keeps YMM3's upper half; VEX.128 zeroes it.
+    let (r, _) = run(&mem, &mut cpu, |a| a.movdqu(xmm3, ptr(rdi)));
+    assert_eq!(emulated(r), "movdqu");
+    assert_eq!(&cpu.xsave[avx_off + 48..avx_off + 64], &pattern[16..]);
+    let (r, _) = run(&mem, &mut cpu, |a| a.vmovdqu(xmm3, ptr(rdi)));
+    assert_eq!(emulated(r), "vmovdqu");
+    assert_eq!(&cpu.xsave[avx_off + 48..avx_off + 64], &[0u8; 16]);
+    // Register to register.
+    let (r, _) = run(&mem, &mut cpu, |a| a.movaps(xmm5, xmm3));
+    assert_eq!(emulated(r), "movaps");
+    assert_eq!(&cpu.xsave[160 + 80..160 + 96], &pattern[..16]);
+    // MOVDQA on a misaligned address: #GP(0); without OSFXSR: #UD.
+    cpu.gpr[6] = DATA + 8;
+    let (r, _) = run(&mem, &mut cpu, |a| a.movdqa(xmm1, ptr(rsi)));
+    assert_eq!(r.unwrap(), Outcome::Exception(Exception::gp(0)));
+    cpu.cr4 &= !(1 << 9);
+    let (r, _) = run(&mem, &mut cpu, |a| a.movdqu(xmm1, ptr(rsi)));
+    assert_eq!(r.unwrap(), Outcome::Exception(Exception::ud()));
+}
