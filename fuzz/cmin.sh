@@ -13,6 +13,7 @@
 #     findings (regress-*). They are always kept as they are.
 #   * libFuzzer inputs (named by their SHA-1): replaced by what `cargo fuzz cmin` keeps of the
 #     whole set (named seeds, current inputs and candidates), minus copies of named seeds.
+#     Coverage is edges only unless VMKIT_CMIN_COUNTERS=1 (then hit counts too).
 # Then review `git status fuzz/corpus` and commit; `cargo test --manifest-path fuzz/Cargo.toml`
 # replays every kept input on stable.
 set -euo pipefail
@@ -36,6 +37,10 @@ else
     done
 fi
 
+# Edge coverage only by default (libFuzzer -use_counters=0): hit-count buckets would keep
+# several inputs per edge, ten times the files for little more reach.
+if [ -n "${VMKIT_CMIN_COUNTERS:-}" ]; then counters=(-use_counters=1); else counters=(-use_counters=0); fi
+
 is_hash() { [[ ${1##*/} =~ ^[0-9a-f]{40}$ ]]; }
 
 for t in "${targets[@]}"; do
@@ -48,7 +53,7 @@ for t in "${targets[@]}"; do
     done
     before=$(find "$dir" -type f | wc -l)
     offered=$(find "$tmp" -type f | wc -l)
-    cargo +nightly fuzz cmin "$t" "$tmp" >"$tmp.log" 2>&1 || {
+    cargo +nightly fuzz cmin "$t" "$tmp" -- "${counters[@]}" >"$tmp.log" 2>&1 || {
         tail -20 "$tmp.log"
         echo "cmin of $t failed (log: $tmp.log); corpus/$t left as it was" >&2
         exit 1

@@ -72,7 +72,7 @@ for t in "${targets[@]}"; do
     summary+=("FAIL  $line")
     failed+=("$t")
     echo "FINDING in target $t (exit $rc); libFuzzer said:"
-    grep -E 'panicked|ERROR: libFuzzer|ERROR: AddressSanitizer|SUMMARY|out-of-memory|timeout' "$log" | head -20 || true
+    grep -E -A1 'panicked|ERROR: libFuzzer|ERROR: AddressSanitizer|out-of-memory|timeout after' "$log" | head -20 || true
     tail -40 "$log"
     shopt -s nullglob
     artifacts=("$art"/*)
