@@ -112,7 +112,8 @@ pub enum MapError {
     /// Activity state KVM cannot express (shutdown).
     #[error("activity state {0} has no KVM equivalent")]
     ActivityState(u32),
-    /// Blocking by SMI has no KVM equivalent outside SMM.
+    /// Blocking by SMI has no KVM equivalent outside SMM ([`Vmcs::to_kvm`] refuses it first,
+    /// as [`GuestStateError::SmiBlockingOutsideSmm`]).
     #[error("blocking by SMI has no KVM equivalent")]
     SmiBlocking,
 }

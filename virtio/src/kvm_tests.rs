@@ -564,12 +564,12 @@ impl IrqLine for TappedLine {
 /// handler to have seen the interrupt. The handler reads the ISR byte (acknowledging the
 /// device: the line drops), prints it, counts and writes the LAPIC EOI.
 ///
-/// The host asserts one line assertion and one acknowledgement per notification and exactly
-/// one delivery per notification (text `010a 11`, as measured here), apart from redeliveries
-/// explained by an EOI exit that found the line still high: vmkit-devices'
-/// `kvm_ioapic_level_interrupt` measured this machine's PVM reporting a level vector's EOI
-/// when it injects it; should that come before the handler's ISR read, the EOI redelivers once
-/// and that extra handler run reads ISR 0 (a `0` in the text), which the checks allow.
+/// The host asserts one line assertion and one acknowledgement per notification, and the
+/// delivery accounting of [`intx_accounting`]: usually one delivery per notification (text
+/// `010a 11`). vmkit-devices' `kvm_ioapic_level_interrupt` measured this machine's PVM reporting
+/// a level vector's EOI when it injects it; should that come before the handler's ISR read, the
+/// EOI finds the line high and redelivers, and that redelivery either finds ISR 0 (a `0` in the
+/// text) or, when the guest's next notification comes while it is still pending, serves that one.
 #[test]
 fn kvm_intx_interrupt_through_the_ioapic() {
     use vmkit_devices::ioapic::{IOAPIC_DEFAULT_BASE, IOAPIC_MMIO_SIZE, Ioapic, IoapicLine};
@@ -748,20 +748,86 @@ fn kvm_intx_interrupt_through_the_ioapic() {
     // Every delivery ran the handler and was EOI'd; each EOI redelivered exactly when the
     // line was still high; apart from those, exactly one delivery per notification.
     assert_eq!(runs as u64, io.delivered, "{ctx}");
-    assert_eq!(eois.len() as u64, io.delivered, "{ctx}");
-    for &(asserted, before, after) in &eois {
-        assert_eq!(after - before, asserted as u64, "{ctx}");
+    if let Err(e) = intx_accounting(2, &eois, io.delivered, isrs.trim_end_matches('\n')) {
+        panic!("{e}: {ctx}");
     }
-    let redeliveries = eois.iter().filter(|e| e.0).count() as u64;
-    assert_eq!(io.delivered - redeliveries, 2, "{ctx}");
-    // The handler read ISR bit 0 once per notification; the redeliveries found it empty.
-    let isrs = isrs.trim_end_matches('\n');
-    assert_eq!(isrs.matches('1').count(), 2, "{ctx}");
-    assert_eq!(isrs.matches('0').count() as u64, redeliveries, "{ctx}");
-    assert_eq!(isrs.len() as u64, io.delivered, "{ctx}");
     assert_eq!(io.bad_accesses, 0, "{ctx}");
     assert_eq!(m.bad_register_accesses, 0, "{ctx}");
     assert_eq!(t.device().metrics().bytes, 32, "{ctx}");
     let used_idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
     assert_eq!(used_idx, 2, "{ctx}");
+}
+
+/// The delivery accounting of [`kvm_intx_interrupt_through_the_ioapic`]: `notifications`
+/// notifications (the guest waits for each to be acknowledged), the EOI exits as (line
+/// asserted, deliveries before, deliveries after), the I/O APIC's deliveries and the ISR bytes
+/// the handler runs printed (`1`: it acknowledged a notification, `0`: nothing to acknowledge).
+///
+/// A level interrupt signals a line state, not a count (82093AA §3.2.4): while a pin's delivery
+/// is in service (remote IRR set, until the EOI for its vector) an assertion sends nothing, the
+/// pending delivery serves it. So the redelivery of an early EOI either finds the device
+/// acknowledged (prints `0`) or serves the next notification (prints `1`: issue 23's `"11"`
+/// with EOIs `[(true, 1, 2), (false, 2, 2)]`, once in ~600 runs under load). Deliveries that
+/// are not redeliveries are therefore between 1 and one per notification, not exactly one per
+/// notification as this test first assumed.
+fn intx_accounting(
+    notifications: u64,
+    eois: &[(bool, u64, u64)],
+    delivered: u64,
+    isrs: &str,
+) -> Result<(), String> {
+    // Every delivery was EOI'd; each EOI redelivered exactly when the line was still high.
+    if eois.len() as u64 != delivered {
+        return Err(format!("{} EOIs for {delivered} deliveries", eois.len()));
+    }
+    for &(asserted, before, after) in eois {
+        if after.checked_sub(before) != Some(asserted as u64) {
+            return Err(format!(
+                "EOI with line {asserted}: {before} -> {after} deliveries"
+            ));
+        }
+    }
+    // Every delivery ran the handler; exactly one run acknowledged each notification.
+    let (acks, empty) = (isrs.matches('1').count(), isrs.matches('0').count());
+    if isrs.len() as u64 != delivered
+        || acks as u64 != notifications
+        || Some(empty as u64) != delivered.checked_sub(notifications)
+    {
+        return Err(format!("handler runs {isrs:?} for {delivered} deliveries"));
+    }
+    // A delivery that is not a redelivery needs an assertion while remote IRR is clear: the
+    // first one, at most one per notification. (So every empty run was a redelivery.)
+    let redeliveries = eois.iter().filter(|e| e.0).count() as u64;
+    let fresh = delivered.saturating_sub(redeliveries);
+    if !(1..=notifications).contains(&fresh) {
+        return Err(format!(
+            "{fresh} deliveries besides {redeliveries} redeliveries for {notifications} notifications"
+        ));
+    }
+    Ok(())
+}
+
+/// [`intx_accounting`] on the traces the KVM test produces, and on ones it must refuse.
+#[test]
+fn intx_accounting_of_early_eoi_traces() {
+    // Issue 23: the early EOI's redelivery served the second notification. The old accounting
+    // (deliveries − redeliveries = notifications) refused this trace.
+    assert_eq!(
+        intx_accounting(2, &[(true, 1, 2), (false, 2, 2)], 2, "11"),
+        Ok(())
+    );
+    // No early EOI; an early EOI whose redelivery found ISR 0.
+    assert_eq!(
+        intx_accounting(2, &[(false, 1, 1), (false, 2, 2)], 2, "11"),
+        Ok(())
+    );
+    let early = [(true, 1, 2), (false, 2, 2), (false, 3, 3)];
+    assert_eq!(intx_accounting(2, &early, 3, "101"), Ok(()));
+    // An EOI with the line high that did not redeliver; a delivery never EOI'd; an empty
+    // handler run that no redelivery explains; a notification never acknowledged.
+    assert!(intx_accounting(2, &[(true, 1, 1), (false, 2, 2)], 2, "11").is_err());
+    assert!(intx_accounting(2, &[(false, 1, 1)], 2, "11").is_err());
+    let three = [(false, 1, 1), (false, 2, 2), (false, 3, 3)];
+    assert!(intx_accounting(2, &three, 3, "101").is_err());
+    assert!(intx_accounting(2, &[(true, 1, 2), (false, 2, 2)], 2, "10").is_err());
 }

@@ -123,6 +123,31 @@ fn level_pin_refires_after_eoi_while_asserted_not_before() {
     assert_eq!(io.stats().eois, 4);
 }
 
+/// The I/O APIC events of virtio's `kvm_intx_interrupt_through_the_ioapic` when an EOI exit
+/// arrives before the handler acknowledged the device (issue 23): the EOI finds the line high
+/// and redelivers; the device then deasserts and asserts again for its next notification while
+/// that redelivery is still in service (remote IRR set). 82093AA §3.2.4: remote IRR is set when
+/// a level interrupt is delivered and cleared by the EOI for its vector, and no message is sent
+/// for the pin meanwhile — so the redelivery already pending serves the new assertion: two
+/// notifications, two deliveries, one of them a redelivery.
+#[test]
+fn level_assertion_while_in_service_is_served_by_the_pending_delivery() {
+    let (sink, mut io) = setup();
+    program(&mut io, 10, 0x31 | LEVEL, 0);
+    io.set_irq(10, true); // notification 1
+    io.end_of_interrupt(0x31); // early EOI, line still high: redelivered
+    assert_eq!(sink.vectors(), [0x31, 0x31]);
+    io.set_irq(10, false); // the handler read ISR
+    io.set_irq(10, true); // notification 2, remote IRR set: nothing sent
+    assert_eq!(sink.vectors(), [0x31, 0x31]);
+    assert_ne!(io.entry(10).unwrap() & redir::REMOTE_IRR, 0);
+    io.set_irq(10, false); // the redelivery's handler run read ISR 1
+    io.end_of_interrupt(0x31); // line low: nothing more
+    assert_eq!(sink.vectors(), [0x31, 0x31]);
+    assert_eq!(io.entry(10).unwrap() & redir::REMOTE_IRR, 0);
+    assert_eq!((io.stats().delivered, io.stats().eois), (2, 2));
+}
+
 #[test]
 fn edge_pin_fires_once_per_edge() {
     let (sink, mut io) = setup();

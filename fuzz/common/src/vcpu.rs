@@ -412,6 +412,20 @@ mod tests {
         }
     }
 
+    /// Issue 23's libFuzzer finding (`corpus/vmcs/regress-smi-blocking`): blocking by SMI
+    /// passed `check_guest_state` and was then refused by `Vmcs::to_kvm`.
+    #[test]
+    fn regress_smi_blocking_checked_state_maps() {
+        let data = [
+            0x5b, 0x5b, 0x5b, 0x41, 0x5b, 0x01, 0x04, 0x00, 0x00, 0x00, 0x00, 0x01, 0xff, 0xff,
+            0xff, 0xff, 0xff, 0xff,
+        ];
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../corpus/vmcs/regress-smi-blocking");
+        assert_eq!(std::fs::read(path).ok().as_deref(), Some(&data[..]));
+        run(&data);
+    }
+
     #[test]
     fn random_inputs_do_not_panic() {
         let mut x = 0x9e37_79b9_7f4a_7c15u64;

@@ -272,6 +272,9 @@ pub enum GuestStateError {
     /// Blocking by STI with RFLAGS.IF = 0.
     #[error("blocking by STI with RFLAGS.IF clear (27.3.1.5)")]
     StiBlockingWithIfClear,
+    /// Blocking by SMI set on a VM entry from outside SMM (the only VM entries modelled).
+    #[error("blocking by SMI set on VM entry outside SMM (27.3.1.5)")]
+    SmiBlockingOutsideSmm,
     /// Injecting an external interrupt while blocked by STI or MOV SS.
     #[error("external interrupt injected in STI/MOV SS shadow (27.3.1.5)")]
     InterruptInShadow,
@@ -559,6 +562,19 @@ fn check_non_register_state(v: &Vmcs) -> R {
         intr & INTR_BLOCKING_STI == 0 || g.rflags & RFLAGS_IF != 0,
         StiBlockingWithIfClear,
     )?;
+    // SDM §27.3.1.5: "Bit 2 (blocking by SMI) must be 0 if the processor is not in SMM."
+    //
+    // The checks refuse it, rather than the KVM mapping carrying it into KVM's SMM state
+    // (`kvm_vcpu_events.smi.smm`), because this model is a VMCS entered by a VMM outside SMM:
+    // there is no SMM-transfer monitor ("entry to SMM" and dual-monitor treatment are not
+    // modelled, SMBASE is not mapped). Such a VM entry fails on hardware, so the guest never
+    // runs. Mapping the bit to `smi.smm = 1` instead would run a guest the processor refuses,
+    // and in a different machine state: KVM would switch it to the SMRAM address space, accept
+    // RSM and restore a state-save area at SMBASE + 0xfe00 that this VMCS never described. Inside
+    // SMM, blocking by SMI is implied by being in SMM, so a KVM vCPU in SMM needs no separate bit;
+    // outside it there is nothing KVM could hold it in. `MapError::SmiBlocking` stays as the
+    // representability error of the unchecked mapping.
+    ensure(intr & INTR_BLOCKING_SMI == 0, SmiBlockingOutsideSmm)?;
     if let Some(i) = v.entry_interruption() {
         let allowed = match act {
             ACTIVITY_ACTIVE => true,

@@ -325,6 +325,19 @@ fn valid_state_passes() {
     check_guest_state(&v).unwrap();
 }
 
+/// The fuzz finding of issue 23 (`fuzz/corpus/vmcs/regress-smi-blocking`): a state with
+/// blocking by SMI passed the checks and then failed to map. Whatever the checks pass must map.
+#[test]
+fn smi_blocking_is_refused_by_the_checks_not_the_mapping() {
+    let mut v = valid();
+    v.guest.interruptibility_state = checks::INTR_BLOCKING_SMI;
+    assert!(
+        check_guest_state(&v).is_err() || v.to_kvm().is_ok(),
+        "checked state fails to map: {:?}",
+        v.to_kvm()
+    );
+}
+
 /// One test per rule: mutate the valid state, expect exactly that rule.
 macro_rules! rule {
     ($name:ident, |$v:ident| $mutate:expr, $expected:pat) => {
@@ -678,6 +691,11 @@ rule!(
     rule_sti_with_if_clear,
     |v| v.guest.interruptibility_state = checks::INTR_BLOCKING_STI,
     E::StiBlockingWithIfClear
+);
+rule!(
+    rule_smi_blocking_outside_smm,
+    |v| v.guest.interruptibility_state = checks::INTR_BLOCKING_SMI,
+    E::SmiBlockingOutsideSmm
 );
 rule!(
     rule_interrupt_in_shadow,
