@@ -86,6 +86,22 @@ fn qemu_img(args: &[&str]) {
     ok("qemu-img", args);
 }
 
+/// A 1 MiB qcow2 overlay at `top` on `base.raw` beside it, its format recorded as raw.
+fn overlay_on_base_raw(top: &Path) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        p(top),
+        "1M",
+    ]);
+}
+
 #[test]
 fn a_raw_disk_whose_guest_wrote_a_qcow2_header_stays_raw() {
     let d = Dirs::new();
@@ -180,18 +196,7 @@ fn backing_names_are_confined_and_formats_never_probed() {
     let base = d.img("base.raw");
     RawImage::create(&base, 1 << 20).unwrap();
     let top = d.img("nofmt.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        p(&top),
-        "1M",
-    ]);
+    overlay_on_base_raw(&top);
     // Turn the backing-format extension (type 0xe2792aca) into an unknown one.
     let at = find(&top, &0xe279_2acau32.to_be_bytes());
     patch(&top, at, &0x0bad_0badu32.to_be_bytes());
@@ -205,18 +210,7 @@ fn backing_names_are_confined_and_formats_never_probed() {
     assert!(image::open(&top, &stated).is_ok());
     // A recorded format vmkit does not open.
     let top = d.img("vmdk.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        p(&top),
-        "1M",
-    ]);
+    overlay_on_base_raw(&top);
     let at = find(&top, &0xe279_2acau32.to_be_bytes());
     patch(&top, at + 8, b"xyz");
     assert!(matches!(

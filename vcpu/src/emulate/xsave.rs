@@ -178,6 +178,20 @@ fn copy_component(i: u32, from: &[u8], src: usize, to: &mut [u8], dst: usize, si
     }
 }
 
+/// A component: its number, offset and size.
+type Part = (u32, usize, usize);
+
+/// What every save and restore checks first: the area loaded, a 64-byte aligned operand, CPL 0
+/// for the supervisor forms (#GP(0)); returns RFBM = XCR0 AND EDX:EAX and its components.
+fn prelude(cpu: &CpuState, va: u64, form: Form) -> Result<(u64, Vec<Part>), Fail> {
+    area(cpu)?;
+    if !va.is_multiple_of(64) || (form == Form::Supervisor && cpu.cpl != 0) {
+        return Err(gp());
+    }
+    let rfbm = cpu.xcr0 & edx_eax(cpu);
+    Ok((rfbm, ranges(cpu, rfbm)?))
+}
+
 /// XSAVE (XSAVEOPT may save more than it must, so it is XSAVE here), XSAVEC and XSAVES: the
 /// components in RFBM = XCR0 AND EDX:EAX to the 64-byte aligned area at `va`, and the header.
 /// The compacted forms write only the components in use, at their compacted offsets, and set
@@ -188,12 +202,7 @@ pub(super) fn xsave<M: GuestMemory + ?Sized>(
     va: u64,
     form: Form,
 ) -> Result<(), Fail> {
-    area(cpu)?;
-    if !va.is_multiple_of(64) || (form == Form::Supervisor && cpu.cpl != 0) {
-        return Err(gp());
-    }
-    let rfbm = cpu.xcr0 & edx_eax(cpu);
-    let parts = ranges(cpu, rfbm)?;
+    let (rfbm, parts) = prelude(cpu, va, form)?;
     let inuse = u64_at(&cpu.xsave, XSTATE_BV);
     let (layout, len) = if form == Form::Standard {
         (parts.clone(), image_len(&parts))
@@ -236,12 +245,7 @@ pub(super) fn xrstor<M: GuestMemory + ?Sized>(
     va: u64,
     form: Form,
 ) -> Result<(), Fail> {
-    area(cpu)?;
-    if !va.is_multiple_of(64) || (form == Form::Supervisor && cpu.cpl != 0) {
-        return Err(gp());
-    }
-    let rfbm = cpu.xcr0 & edx_eax(cpu);
-    let parts = ranges(cpu, rfbm)?;
+    let (rfbm, parts) = prelude(cpu, va, form)?;
     let mut header = [0u8; 64];
     lin.read(va + XSTATE_BV as u64, &mut header, AccessKind::Read)?;
     let bv = u64_at(&header, 0);
