@@ -654,6 +654,17 @@ fn vector_moves_go_through_the_xsave_area() {
     let (r, _) = run(&mem, &mut cpu, |a| a.vmovdqu(xmm3, ptr(rdi)));
     assert_eq!(emulated(r), "vmovdqu");
     assert_eq!(&cpu.xsave[avx_off + 48..avx_off + 64], &[0u8; 16]);
+    // With AVX-512 on, a VEX write also zeroes bits 511:256 (the ZMM_Hi256 component).
+    let zmm = std::arch::x86_64::__cpuid_count(0xd, 6);
+    let (z_off, z_size) = (zmm.ebx as usize, zmm.eax as usize);
+    if z_size == 512 && z_off + z_size <= 4096 {
+        cpu.xcr0 = 0xe7;
+        cpu.xsave[z_off + 96..z_off + 128].fill(0xee);
+        let (r, _) = run(&mem, &mut cpu, |a| a.vmovdqu(ymm3, ptr(rsi)));
+        assert_eq!(emulated(r), "vmovdqu");
+        assert_eq!(&cpu.xsave[z_off + 96..z_off + 128], &[0u8; 32]);
+        cpu.xcr0 = 7;
+    }
     // Register to register.
     let (r, _) = run(&mem, &mut cpu, |a| a.movaps(xmm5, xmm3));
     assert_eq!(emulated(r), "movaps");

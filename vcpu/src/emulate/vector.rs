@@ -4,8 +4,8 @@
 //! these in its FPU-using init code (crypto self-tests, checksums) once it has the FPU.
 //!
 //! Legacy SSE forms leave bits above 127 alone; VEX forms zero the destination register's
-//! bits above the vector length (SDM vol. 1 §14.1.3; ZMM upper halves are not modelled and
-//! their components must be off in XCR0 for these to be emulated).
+//! bits above the vector length (SDM vol. 1 §14.1.3), up to bit 511 when AVX-512 is on: the
+//! ZMM_Hi256 component (CPUID.(EAX=0DH,ECX=6)) holds bits 511:256 of ZMM0–15.
 
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 use vm_memory::GuestMemory;
@@ -19,10 +19,15 @@ const XSTATE_BV: usize = 512;
 /// XCR0 / XSTATE_BV bits.
 const SSE: u64 = 2;
 const AVX: u64 = 4;
-const AVX512: u64 = 0xe0;
+/// XCR0 bit 6: ZMM_Hi256, bits 511:256 of ZMM0–15.
+const ZMM_HI256: u64 = 1 << 6;
 
 fn avx_offset() -> usize {
     std::arch::x86_64::__cpuid_count(0xd, 2).ebx as usize
+}
+
+fn zmm_hi256_offset() -> usize {
+    std::arch::x86_64::__cpuid_count(0xd, 6).ebx as usize
 }
 
 /// A vector register: (index, width in bytes).
@@ -73,6 +78,10 @@ fn write_vreg(
     } else if vex {
         cpu.xsave[hi..hi + 16].fill(0);
     }
+    if vex && cpu.xcr0 & ZMM_HI256 != 0 {
+        let z = zmm_hi256_offset() + 32 * i;
+        cpu.xsave.get_mut(z..z + 32).ok_or_else(refuse)?.fill(0);
+    }
     let mut bv = [0u8; 8];
     bv.copy_from_slice(&cpu.xsave[XSTATE_BV..XSTATE_BV + 8]);
     let bv = u64::from_le_bytes(bv) | used;
@@ -105,7 +114,7 @@ pub(super) fn mov<M: GuestMemory + ?Sized>(
     if cpu.cr0 & (1 << 3) != 0 {
         return Err(Fail::Exception(Exception::fault(super::NM)));
     }
-    if cpu.xcr0 & AVX512 != 0 || cpu.xsave.len() < XSTATE_BV + 8 {
+    if cpu.xsave.len() < XSTATE_BV + 8 {
         return Err(refuse());
     }
     let width = match (instr.op_kind(0), instr.op_kind(1)) {
