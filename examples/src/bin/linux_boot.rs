@@ -7,7 +7,7 @@
 //! ```
 //!
 //! The machine: RAM below the 32-bit MMIO hole, identity page tables for the first 4 GiB, the
-//! kernel loaded with linux-loader's ELF loader, the boot parameters (zero page) with the e820
+//! kernel loaded with vmkit-memory's `boot::load_elf` (linux-loader's ELF loader), the boot parameters (zero page) with the e820
 //! map and the command line (`console=ttyS0 earlyprintk=ttyS0 …` by default), one vCPU in
 //! 64-bit mode at the ELF entry with RSI pointing at the zero page (Documentation/arch/x86/
 //! boot.rst, "64-bit boot protocol"), KVM's in-kernel irqchip and PIT, and a 16550 on COM1
@@ -36,7 +36,6 @@ use std::time::{Duration, Instant};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::boot_params;
-use linux_loader::loader::{KernelLoader, elf::Elf};
 use vm_memory::{Bytes, GuestAddress};
 use vmkit_devices::{IoBuses, interrupt::NoInterrupt, serial::Serial};
 use vmkit_memory::{GuestLayout, PageSize, PageTableBuilder, paging::flags};
@@ -49,7 +48,6 @@ const ZERO_PAGE: u64 = 0x7000;
 const CMDLINE: u64 = 0x2_0000;
 const CMDLINE_MAX: usize = 4096;
 const STACK_TOP: u64 = 0x8_0000;
-const HIMEM_START: u64 = 0x10_0000;
 const COM1: u16 = 0x3f8;
 const DEFAULT_CMDLINE: &str =
     "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 nokaslr lpj=5000000 no_timer_check";
@@ -200,7 +198,7 @@ fn run(args: Args) -> Result<u8, Box<dyn std::error::Error>> {
 
     // 2. The kernel, the command line and the zero page.
     let mut file = std::fs::File::open(&args.kernel)?;
-    let loaded = Elf::load(&mem, None, &mut file, Some(GuestAddress(HIMEM_START)))?;
+    let loaded = vmkit_memory::boot::load_elf(&mem, &mut file)?;
     if args.cmdline.len() + 1 > CMDLINE_MAX {
         return Err("command line too long".into());
     }
@@ -231,13 +229,13 @@ fn run(args: Args) -> Result<u8, Box<dyn std::error::Error>> {
         .map_err(|e| format!("KVM_CREATE_PIT2: {e}"))?;
     vm.register_memory(&mem)?;
     let mut vcpu = vm.create_vcpu(0)?;
-    let cpu = LongModeState::linux_64(tables.cr3(), loaded.kernel_load.0, STACK_TOP, ZERO_PAGE);
+    let cpu = LongModeState::linux_64(tables.cr3(), loaded.entry, STACK_TOP, ZERO_PAGE);
     cpu.write_gdt(&mem)?;
     cpu.apply(&mut vcpu)?;
     println!(
         "vmm: {} at {:#x}, {} MiB, cmdline \"{}\"",
         args.kernel.display(),
-        loaded.kernel_load.0,
+        loaded.entry,
         args.ram_mib,
         args.cmdline
     );
