@@ -41,7 +41,8 @@ fn linux_bzimage_loads_through_the_boot_module() {
     });
     assert_eq!((k.load_addr, k.entry), (0x10_0000, 0x10_0200));
     // (setup_sects + 1) · 512 bytes of real-mode code precede the payload in the file.
-    let setup = (usize::from({ hdr.setup_sects }).max(4) + 1) * 512;
+    let setup_sects = hdr.setup_sects;
+    let setup = (usize::from(setup_sects).max(4) + 1) * 512;
     let mut first = vec![0u8; 4096];
     mem.read_slice(&mut first, GuestAddress(0x10_0000)).unwrap();
     assert_eq!(&first[..], &image[setup..setup + 4096]);
