@@ -138,6 +138,18 @@ proptest! {
     }
 }
 
+/// The shutdown activity state: this KVM-backed model reports it unsupported, so the checks
+/// refuse it (SDM §27.3.1.5) and whatever passes them maps (CI fuzz finding).
+#[test]
+fn shutdown_activity_is_refused_by_the_checks_not_the_mapping() {
+    let mut v = Vmcs::flat_64(0x9000, 0x10_0000, 0x8_0000);
+    v.guest.activity_state = 2;
+    assert_eq!(
+        crate::vmcs::checks::check_guest_state(&v),
+        Err(crate::vmcs::checks::GuestStateError::ActivityState(2))
+    );
+}
+
 #[test]
 fn unrepresentable_state_is_a_typed_error() {
     let mut v = Vmcs::flat_64(0x9000, 0x10_0000, 0x8_0000);

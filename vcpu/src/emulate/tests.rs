@@ -677,3 +677,18 @@ fn vector_moves_go_through_the_xsave_area() {
     let (r, _) = run(&mem, &mut cpu, |a| a.movdqu(xmm1, ptr(rsi)));
     assert_eq!(r.unwrap(), Outcome::Exception(Exception::ud()));
 }
+
+/// XRSTOR of an area at the top of the linear address space: the header's address wraps to
+/// the bottom (a fuzz finding, an overflow panic before), where nothing is mapped: #PF there.
+#[test]
+fn xrstor_at_the_top_of_the_address_space_faults_not_panics() {
+    let (mem, mut cpu) = machine();
+    cpu.xsave = vec![0u8; 4096];
+    cpu.gpr[0] = 3;
+    cpu.gpr[6] = 0xffff_ffff_ffff_ffc0;
+    let (r, _) = run(&mem, &mut cpu, |a| a.xrstor64(ptr(rsi)));
+    assert_eq!(
+        r.unwrap(),
+        Outcome::Exception(Exception::page_fault(0, 0x1c0))
+    );
+}

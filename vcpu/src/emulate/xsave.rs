@@ -247,7 +247,13 @@ pub(super) fn xrstor<M: GuestMemory + ?Sized>(
 ) -> Result<(), Fail> {
     let (rfbm, parts) = prelude(cpu, va, form)?;
     let mut header = [0u8; 64];
-    lin.read(va + XSTATE_BV as u64, &mut header, AccessKind::Read)?;
+    // The header's linear address wraps as the CPU's does (an aligned area near the top of
+    // the address space: fuzz finding).
+    lin.read(
+        va.wrapping_add(XSTATE_BV as u64),
+        &mut header,
+        AccessKind::Read,
+    )?;
     let bv = u64_at(&header, 0);
     let xcomp = u64_at(&header, 8);
     let compact = xcomp & COMPACTED != 0;

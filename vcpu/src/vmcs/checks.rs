@@ -546,7 +546,16 @@ fn check_non_register_state(v: &Vmcs) -> R {
     use GuestStateError::*;
     let g = &v.guest;
     let act = g.activity_state;
-    ensure(act <= ACTIVITY_WAIT_SIPI, ActivityState(act))?;
+    // SDM §27.3.1.5: the activity state must be one the processor supports (IA32_VMX_MISC
+    // bits 8:6 for HLT, shutdown, wait-for-SIPI). This model is mapped onto KVM, which has no
+    // MP state for shutdown (a shut-down vCPU is an exit, KVM_EXIT_SHUTDOWN, not a state to
+    // enter), so it reports shutdown unsupported and the checks refuse it, as hardware
+    // without that support does; before, such a state passed the checks and `Vmcs::to_kvm`
+    // refused it (`vmcs` fuzz finding in CI's timed run).
+    ensure(
+        matches!(act, ACTIVITY_ACTIVE | ACTIVITY_HLT | ACTIVITY_WAIT_SIPI),
+        ActivityState(act),
+    )?;
     ensure(
         act != ACTIVITY_HLT || g.ss.dpl() == 0,
         HltWithCpl(g.ss.dpl()),
