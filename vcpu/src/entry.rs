@@ -19,9 +19,9 @@
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::GuestMemory;
 
-use crate::state::{CR0_ET, CR0_PE, RFLAGS_RESERVED_1, Segment};
+use crate::state::{CR0_ET, CR0_PE, RFLAGS_RESERVED_1, Segment, write_gdt};
 use crate::{Error, VcpuRegisters, VcpuSpecialRegisters};
 
 /// EAX at a multiboot v1 kernel's entry (Multiboot Specification 0.6.96 §3.2).
@@ -342,12 +342,7 @@ impl ProtectedModeState {
     /// # Errors
     /// [`Error::Memory`] when the GDT does not fit in `mem`.
     pub fn write_gdt<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<(), Error> {
-        for (i, e) in self.gdt_entries().iter().enumerate() {
-            let gpa = self.gdt_base + i as u64 * 8;
-            mem.write_obj(*e, GuestAddress(gpa))
-                .map_err(|source| Error::Memory { gpa, source })?;
-        }
-        Ok(())
+        write_gdt(mem, self.gdt_base, &self.gdt_entries())
     }
 
     /// Fill `sregs` (keeping the APIC base and CR8).

@@ -246,12 +246,7 @@ impl LongModeState {
 
     /// Write the GDT into guest memory at `gdt_base`.
     pub fn write_gdt<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<(), Error> {
-        for (i, e) in self.gdt_entries().iter().enumerate() {
-            let gpa = self.gdt_base + i as u64 * 8;
-            mem.write_obj(*e, GuestAddress(gpa))
-                .map_err(|source| Error::Memory { gpa, source })?;
-        }
-        Ok(())
+        write_gdt(mem, self.gdt_base, &self.gdt_entries())
     }
 
     /// Fill `sregs` (keeping fields this state does not own, such as the APIC base).
@@ -286,6 +281,21 @@ impl LongModeState {
         vcpu.set_sregs(&sregs)?;
         vcpu.set_general_registers(&self.general_registers())
     }
+}
+
+/// Write the descriptors `entries` as a GDT at guest-physical `base` (8 bytes each): what
+/// every entry state's `write_gdt` does.
+pub(crate) fn write_gdt<M: GuestMemory + ?Sized>(
+    mem: &M,
+    base: u64,
+    entries: &[u64],
+) -> Result<(), Error> {
+    for (i, e) in entries.iter().enumerate() {
+        let gpa = base + i as u64 * 8;
+        mem.write_obj(*e, GuestAddress(gpa))
+            .map_err(|source| Error::Memory { gpa, source })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
